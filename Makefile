@@ -1,0 +1,76 @@
+# Afterglow: every command a developer or CI needs. `make test` is what CI runs.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+# The servers from `make up`, handed to the tests under their own names so that
+# no test picks them up by accident through the service settings.
+WITH_SERVERS = set -a; . .run/env; set +a; \
+	export AFTERGLOW_TEST_KAFKA="$$AFTERGLOW_KAFKA_BOOTSTRAP_SERVERS" \
+	       AFTERGLOW_TEST_DATABASE_URL="$$AFTERGLOW_DATABASE_URL"; \
+	unset AFTERGLOW_KAFKA_BOOTSTRAP_SERVERS AFTERGLOW_DATABASE_URL;
+
+.PHONY: help
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+.PHONY: install
+install: $(STAMP) ## create .venv and install the pinned dependencies
+
+.PHONY: lock
+lock: $(STAMP) ## refresh constraints.txt from the installed versions
+	$(PY) -m pip freeze --exclude-editable | grep -v '^-e' > constraints.txt
+
+.PHONY: format
+format: $(STAMP) ## rewrite the code in the house format
+	$(VENV)/bin/ruff format shared services tests
+	$(VENV)/bin/ruff check --fix shared services tests
+
+.PHONY: lint
+lint: $(STAMP) ## ruff format --check and ruff check
+	$(VENV)/bin/ruff format --check shared services tests
+	$(VENV)/bin/ruff check shared services tests
+
+.PHONY: typecheck
+typecheck: $(STAMP) ## mypy (strict) on shared/ and services/
+	$(VENV)/bin/mypy
+
+.PHONY: up
+up: ## start Kafka and PostgreSQL on loopback (fetches Kafka once)
+	deploy/up.sh
+
+.PHONY: down
+down: ## stop Kafka and PostgreSQL (data kept in .run/)
+	deploy/down.sh
+
+.PHONY: test-unit
+test-unit: $(STAMP) ## unit tier: no I/O beyond the process
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+.PHONY: test-integration
+test-integration: $(STAMP) up ## contract and integration tiers on real Kafka and PostgreSQL
+	$(WITH_SERVERS) $(PY) -m pytest tests/contract tests/integration $(PYTEST_ARGS)
+
+.PHONY: test
+test: lint typecheck up ## everything CI runs: lint, types, every test tier on real servers
+	$(WITH_SERVERS) $(PY) -m pytest -ra $(PYTEST_ARGS)
+
+.PHONY: demo
+demo: $(STAMP) ## embedded mode: four services, in-process bus, SQLite, one report
+	$(VENV)/bin/afterglow demo
+
+.PHONY: clean
+clean: ## remove local state (.run, caches); keeps .venv
+	-deploy/down.sh
+	rm -rf .run .pytest_cache .mypy_cache .ruff_cache

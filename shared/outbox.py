@@ -1,0 +1,384 @@
+"""The transactional outbox: a database change and the events it causes commit together.
+
+A handler writes its rows and calls `Outbox.add(conn, events, now=...)` on the
+same connection, inside the same transaction; after the commit it calls
+`Outbox.notify()`. The relay (`Outbox.run()`, started by `start()`) publishes
+the stored messages and deletes them afterwards. A crash between the commit and
+the publish loses nothing: the rows are still there and the next relay - in
+this process after a restart, or in another replica - publishes them. Events
+are therefore published *at least once* (a publish that succeeded but whose
+delete did not commit is repeated); consumers are idempotent.
+
+Per-key order, and why lanes and advisory locks keep it with several replicas
+-----------------------------------------------------------------------------
+Every row gets a lane, `crc32(key) % lanes`, so all events of one key are in
+the same lane, in id order (ids grow with insertion; a transaction that is
+serialised after another one for the same key - by a row lock on the key's
+state - inserts its outbox rows after that one committed, so they get larger
+ids; call `add()` after the writes that lock the key's state).
+
+One relay at a time owns a lane: on PostgreSQL the lane's transaction starts
+with `pg_try_advisory_xact_lock(hash(schema.table, lane))`; a replica that
+does not get it skips the lane this round. The owner reads the oldest rows of
+the lane by id, publishes them in that order (the bus keeps the order of
+messages with the same key), deletes exactly those ids and commits, which
+releases the lock. The next owner's SELECT runs after that commit (READ
+COMMITTED takes a snapshot per statement, after the lock was granted), so it
+sees the deletions: it neither republishes nor overtakes the previous batch.
+Two replicas therefore never publish the same lane concurrently, and a key's
+events leave in id order. Lanes let replicas share the work (different lanes
+in parallel) while the per-lane lock keeps each key serial.
+
+Ids come from a sequence when the row is inserted, and transactions may
+commit out of id order: a row whose id is smaller than one already published
+can become visible later, and is then published later. That only reorders
+events of transactions that ran concurrently without touching a common row -
+events that had no order between them to begin with.
+
+Rows are deleted by id, never by "id <= max": a row with a smaller id whose
+transaction committed after the SELECT must not be deleted unpublished.
+
+Changing the number of lanes is safe for delivery (the relay reads the lanes
+that have rows, not `range(lanes)`), but while old rows drain, a key may have
+events in two lanes, which two replicas may then publish concurrently.
+
+On SQLite (one process) no advisory lock is needed: `Database.begin()`
+serialises the lane transactions of this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import logging
+import zlib
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    SmallInteger,
+    Table,
+    Text,
+    delete,
+    distinct,
+    func,
+    literal,
+    select,
+)
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from shared.bus.base import Bus, Headers, OutMessage, PublishError
+from shared.db import Database, UtcDateTime
+from shared.events import EventData, encode
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TABLE = "outbox"
+MAX_BACKOFF_S = 5.0
+_DELETE_CHUNK = 500
+
+
+def outbox_columns() -> list[Column[Any]]:
+    """Fresh Column objects of the outbox (for `outbox_table` and the migrations)."""
+    return [
+        # Integer on SQLite: only an INTEGER PRIMARY KEY is the autoincrementing rowid.
+        Column(
+            "id",
+            BigInteger().with_variant(Integer, "sqlite"),
+            primary_key=True,
+            autoincrement=True,
+        ),
+        Column("lane", SmallInteger, nullable=False),
+        Column("topic", Text, nullable=False),
+        Column("key", Text, nullable=False),
+        Column("payload", LargeBinary, nullable=False),
+        # [[name, base64(value)], ...] or NULL when there are none.
+        Column("headers", JSON, nullable=True),
+        Column("created_at", UtcDateTime, nullable=False),
+    ]
+
+
+def outbox_index_name(table: str = DEFAULT_TABLE) -> str:
+    return f"ix_{table}_lane_id"
+
+
+# SQLite AUTOINCREMENT: ids never go back, even after the table was emptied.
+OUTBOX_TABLE_KWARGS: dict[str, Any] = {"sqlite_autoincrement": True}
+
+
+def outbox_table(metadata: MetaData, name: str = DEFAULT_TABLE) -> Table:
+    """The outbox table in the service's schema (the metadata's schema)."""
+    return Table(
+        name,
+        metadata,
+        *outbox_columns(),
+        Index(outbox_index_name(name), "lane", "id"),
+        **OUTBOX_TABLE_KWARGS,
+    )
+
+
+def lane_for(key: str, lanes: int) -> int:
+    """Stable across processes and restarts (unlike hash())."""
+    return zlib.crc32(key.encode()) % lanes
+
+
+def lane_lock_key(schema: str | None, table: str, lane: int) -> int:
+    """A stable signed 64-bit key for pg_advisory locks on one lane of one outbox table."""
+    digest = hashlib.blake2b(
+        f"afterglow-outbox:{schema}.{table}:{lane}".encode(), digest_size=8
+    ).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def _encode_headers(headers: Headers) -> list[list[str]] | None:
+    if not headers:
+        return None
+    return [[name, base64.b64encode(value).decode("ascii")] for name, value in headers]
+
+
+def _decode_headers(raw: Any) -> Headers:
+    if not raw:
+        return ()
+    return tuple((str(name), base64.b64decode(value)) for name, value in raw)
+
+
+class Outbox:
+    """Stores events inside the caller's transaction and relays them to the bus afterwards."""
+
+    def __init__(
+        self,
+        db: Database,
+        table: Table,
+        bus: Bus,
+        *,
+        source: str,
+        topic_name: Callable[[str], str] = lambda t: t,
+        lanes: int = 8,
+        batch: int = 500,
+        poll_s: float = 0.5,
+        max_backoff_s: float = MAX_BACKOFF_S,
+    ) -> None:
+        if lanes < 1 or lanes > 32767:
+            raise ValueError("lanes must be between 1 and 32767")
+        if batch < 1:
+            raise ValueError("batch must be at least 1")
+        self.db = db
+        self.table = table
+        self.bus = bus
+        self.source = source
+        self.topic_name = topic_name
+        self.lanes = lanes
+        self.batch = batch
+        self.poll_s = poll_s
+        self.max_backoff_s = max_backoff_s
+        # For tests and metrics: how the last round ended, and counters.
+        self.last_error: BaseException | None = None
+        self.published_total = 0
+        self.errors_total = 0
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+
+    # -- producing ---------------------------------------------------------
+
+    async def add(
+        self, conn: AsyncConnection, events: Sequence[EventData], *, now: datetime
+    ) -> None:
+        """Store `events` in the caller's transaction; they are published after it commits."""
+        if not events:
+            return
+        messages = [
+            OutMessage(
+                topic=self.topic_name(data.topic),
+                key=data.partition_key(),
+                value=encode(data, source=self.source, time=now),
+            )
+            for data in events
+        ]
+        await self.add_messages(conn, messages, now=now)
+
+    async def add_messages(
+        self,
+        conn: AsyncConnection,
+        messages: Sequence[OutMessage],
+        *,
+        now: datetime | None = None,
+    ) -> None:
+        """Store already-encoded messages (topic as published, key, value, headers)."""
+        if not messages:
+            return
+        created_at = now or datetime.now(UTC)
+        rows = [
+            {
+                "lane": lane_for(m.key, self.lanes),
+                "topic": m.topic,
+                "key": m.key,
+                "payload": m.value,
+                "headers": _encode_headers(m.headers),
+                "created_at": created_at,
+            }
+            for m in messages
+        ]
+        # One statement, executed for all rows in order (ids follow list order).
+        await conn.execute(self.table.insert(), rows)
+
+    def notify(self) -> None:
+        """Wake the relay; call after the transaction that added events committed."""
+        self._wake.set()
+
+    # -- relaying ----------------------------------------------------------
+
+    async def pending(self) -> int:
+        async with self.db.connect() as conn:
+            count = await conn.scalar(select(func.count()).select_from(self.table))
+        return int(count or 0)
+
+    async def _lanes_with_rows(self) -> list[int]:
+        async with self.db.connect() as conn:
+            result = await conn.execute(select(distinct(self.table.c.lane)))
+            return sorted(int(lane) for (lane,) in result.all())
+
+    async def relay_once(self) -> int:
+        """Publish up to `batch` of the oldest messages of every lane; return how many.
+
+        Database errors propagate. A PublishError leaves the lane's rows in place
+        and ends this round with what was published so far; `last_error` tells
+        how the last round ended (None: fine).
+        """
+        published = 0
+        try:
+            for lane in await self._lanes_with_rows():
+                try:
+                    count = await self._relay_lane(lane)
+                except PublishError as exc:
+                    self._failed(exc)
+                    log.warning(
+                        "outbox publish failed; messages stay in the outbox",
+                        extra={"table": self.table.fullname, "lane": lane, "error": str(exc)},
+                    )
+                    return published
+                published += count
+                self.published_total += count
+        except Exception as exc:
+            self._failed(exc)
+            raise
+        self.last_error = None
+        return published
+
+    def _failed(self, exc: BaseException) -> None:
+        self.last_error = exc
+        self.errors_total += 1
+
+    async def _relay_lane(self, lane: int) -> int:
+        t = self.table
+        async with self.db.begin() as conn:
+            if self.db.is_postgres:
+                # BigInteger: asyncpg would cast a plain int parameter to int4.
+                key = literal(lane_lock_key(t.schema, t.name, lane), BigInteger)
+                got = await conn.scalar(select(func.pg_try_advisory_xact_lock(key)))
+                if not got:
+                    return 0
+            result = await conn.execute(
+                select(t.c.id, t.c.topic, t.c.key, t.c.payload, t.c.headers)
+                .where(t.c.lane == lane)
+                .order_by(t.c.id)
+                .limit(self.batch)
+            )
+            rows = result.all()
+            if not rows:
+                return 0
+            messages = [
+                OutMessage(
+                    topic=row.topic,
+                    key=row.key,
+                    value=bytes(row.payload),
+                    headers=_decode_headers(row.headers),
+                )
+                for row in rows
+            ]
+            # Raises PublishError: the transaction rolls back and the rows stay. (On
+            # SQLite this holds the service's write lock while publishing: fine for the
+            # in-process bus of the embedded mode, bounded by the send timeout otherwise.)
+            await self.bus.publish(messages)
+            ids = [row.id for row in rows]
+            for start in range(0, len(ids), _DELETE_CHUNK):
+                await conn.execute(delete(t).where(t.c.id.in_(ids[start : start + _DELETE_CHUNK])))
+        return len(rows)
+
+    async def run(self) -> None:
+        """Relay until `stop()`: again at once while there is work, else on notify() or poll_s.
+
+        Errors (database down, broker down) are logged and retried after a
+        doubling back-off capped at `max_backoff_s`; the loop never gives up.
+        """
+        failures = 0
+        while not self._stopping:
+            self._wake.clear()
+            try:
+                published = await self.relay_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                published = 0
+                log.warning(
+                    "outbox relay failed; retrying",
+                    extra={"table": self.table.fullname, "error": repr(exc)},
+                    exc_info=True,
+                )
+            if self.last_error is not None:
+                failures += 1
+                await self._sleep(min(self.max_backoff_s, 0.05 * 2 ** min(failures - 1, 16)))
+                continue
+            failures = 0
+            if published:
+                continue
+            await self._sleep(self.poll_s)
+
+    async def _sleep(self, seconds: float) -> None:
+        """Wait `seconds`, or less if notify() or stop() happens."""
+        if self._stopping:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout=seconds)
+
+    async def start(self) -> None:
+        """Start the relay loop (it first relays what an earlier process left behind)."""
+        if self._task is None or self._task.done():
+            self._stopping = False
+            self._task = asyncio.create_task(self.run(), name=f"outbox:{self.table.fullname}")
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def stop(self, *, timeout_s: float = 5.0) -> None:
+        """Stop the loop, then relay what is left once (best effort, bounded by `timeout_s`)."""
+        self._stopping = True
+        self._wake.set()
+        task, self._task = self._task, None
+        if task is not None:
+            # Let the round in progress finish (its transaction commits or rolls back)...
+            await asyncio.wait({task}, timeout=timeout_s)
+            if not task.done():
+                # ... or cut it short: a cancelled lane transaction rolls back, rows stay.
+                task.cancel()
+                await asyncio.wait({task})
+        try:
+            async with asyncio.timeout(timeout_s):
+                while await self.relay_once() and self.last_error is None:
+                    pass
+        except Exception as exc:
+            log.warning(
+                "outbox: final relay at stop did not finish; the rest is published after restart",
+                extra={"table": self.table.fullname, "error": repr(exc)},
+            )

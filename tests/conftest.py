@@ -1,0 +1,105 @@
+"""Test tiers and the real servers they need.
+
+Tests that need Kafka or PostgreSQL read `AFTERGLOW_TEST_KAFKA` (bootstrap
+servers) and `AFTERGLOW_TEST_DATABASE_URL` (an asyncpg URL); `make test`
+starts both servers and sets them. Without them a test skips locally, and
+fails with CI=true, so CI can never pass without having run them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+def _answers(hostport: str) -> bool:
+    host, _, port = hostport.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=2):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def _require(env: str, what: str, probe: str | None) -> str:
+    value = os.environ.get(env, "")
+    reason = None
+    if not value:
+        reason = f"{env} is not set: {what} is not up (run `make up`)"
+    elif probe is not None and not _answers(probe):
+        reason = f"{what} at {probe} does not answer ({env}={value})"
+    if reason:
+        if IN_CI:
+            pytest.fail(f"CI=true and {reason}", pytrace=False)
+        pytest.skip(reason)
+    return value
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> str:
+    value = os.environ.get("AFTERGLOW_TEST_KAFKA", "")
+    first = value.split(",")[0].removeprefix("PLAINTEXT://") if value else None
+    return _require("AFTERGLOW_TEST_KAFKA", "Kafka", first)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    value = os.environ.get("AFTERGLOW_TEST_DATABASE_URL", "")
+    probe = None
+    if value:
+        from sqlalchemy.engine import make_url
+
+        url = make_url(value)
+        probe = f"{url.host or '127.0.0.1'}:{url.port or 5432}"
+    return _require("AFTERGLOW_TEST_DATABASE_URL", "PostgreSQL", probe)
+
+
+@pytest.fixture
+def unique() -> Iterator[str]:
+    """A short unique suffix for topic, group and schema names so tests never share state."""
+    yield uuid.uuid4().hex[:10]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Service settings in tests come from what the test passes, never from the shell."""
+    for name in list(os.environ):
+        if name.startswith("AFTERGLOW_") and not name.startswith("AFTERGLOW_TEST_"):
+            monkeypatch.delenv(name)
+
+
+_REAL_SERVER_FIXTURES = {"kafka_bootstrap": "Kafka", "postgres_url": "PostgreSQL"}
+_real_server_outcomes: dict[str, dict[str, int]] = {}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        for fixture, server in _REAL_SERVER_FIXTURES.items():
+            if fixture in fixtures:
+                item.user_properties.append(("real_server", server))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when != "call" and not (report.when == "setup" and report.outcome != "passed"):
+        return
+    for name, value in report.user_properties:
+        if name == "real_server":
+            counts = _real_server_outcomes.setdefault(str(value), {})
+            counts[report.outcome] = counts.get(report.outcome, 0) + 1
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not _real_server_outcomes:
+        return
+    terminalreporter.section("tests on real servers")
+    for server, counts in sorted(_real_server_outcomes.items()):
+        summary = ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items()))
+        terminalreporter.write_line(f"{server}: {summary}")

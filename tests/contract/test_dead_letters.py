@@ -1,0 +1,181 @@
+"""The dead-letter policy of shared/consumer.py, on the in-process bus and on real Kafka.
+
+A message that is not a known, valid event lands on `<topic>.dlq` with the
+reason in its headers while the consumer goes on; a handler failing for good
+is dead-lettered after its attempts; a transient failure is retried, not
+dead-lettered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import pytest
+
+from shared.bus import Bus, Message, OutMessage
+from shared.consumer import MAX_EVENT_BYTES, EventConsumer
+from shared.events import Event, PromotionCancelled, PromotionEnded, default_registry, encode
+
+from .conftest import TEST_BACKOFF, BusFactory
+
+pytestmark = pytest.mark.timeout(60)
+
+NOW = datetime(2026, 3, 8, 12, 0, tzinfo=UTC)
+
+
+def ended(promotion_id: str) -> bytes:
+    return encode(PromotionEnded(promotion_id=promotion_id, ended_at=NOW), source="t", time=NOW)
+
+
+def with_type(event_type: str) -> bytes:
+    body = orjson.loads(ended("p-x"))
+    body["type"] = event_type
+    return orjson.dumps(body)
+
+
+async def eventually(predicate: Callable[[], bool], what: str, within_s: float = 25.0) -> None:
+    deadline = time.monotonic() + within_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}", pytrace=False)
+        await asyncio.sleep(0.02)
+
+
+class Counting:
+    def __init__(self) -> None:
+        self.dead: list[tuple[str, str]] = []
+
+    def dlq(self, topic: str, reason: str) -> None:
+        self.dead.append((topic, reason))
+
+
+async def collect(bus: Bus, topic: str, group: str) -> list[Message]:
+    seen: list[Message] = []
+
+    async def keep(batch: Any) -> None:
+        seen.extend(batch)
+
+    consumer = bus.consumer(group, [topic], keep)
+    await consumer.start()
+    collect.consumers.append(consumer)  # type: ignore[attr-defined]
+    return seen
+
+
+collect.consumers = []  # type: ignore[attr-defined]
+
+
+async def start_consumer(
+    bus: Bus, topic: str, group: str, handler: Any, sink: Counting, max_attempts: int = 3
+) -> None:
+    runner = EventConsumer(
+        service="test",
+        group=group,
+        bus=bus,
+        registry=default_registry(),
+        handlers={PromotionEnded: handler},
+        topic_name=lambda _: topic,
+        sink=sink,
+        max_attempts=max_attempts,
+        backoff=TEST_BACKOFF,
+    )
+    consumer = bus.consumer(group, runner.topics, runner)
+    await consumer.start()
+    collect.consumers.append(consumer)  # type: ignore[attr-defined]
+
+
+@pytest.fixture(autouse=True)
+async def _stop_consumers() -> Any:
+    yield
+    while collect.consumers:  # type: ignore[attr-defined]
+        await collect.consumers.pop().stop()  # type: ignore[attr-defined]
+
+
+async def test_malformed_messages_go_to_the_dlq_and_the_consumer_goes_on(
+    bus_factory: BusFactory, unique: str
+) -> None:
+    bus = await bus_factory()
+    topic = f"dlq-malformed-{unique}"
+    await bus.ensure_topics([topic, f"{topic}.dlq"])
+    handled: list[str] = []
+
+    async def handle(event: Event[Any]) -> None:
+        handled.append(event.data.promotion_id)
+
+    sink = Counting()
+    await start_consumer(bus, topic, f"g-{unique}", handle, sink)
+    dead = await collect(bus, f"{topic}.dlq", f"dlq-reader-{unique}")
+
+    bad = {
+        "not_json": b"{not json",
+        "unknown_version": with_type("afterglow.promotion.ended.v99"),
+        "unknown_type": with_type("afterglow.promotion.exploded.v1"),
+        "invalid_data": orjson.dumps({**orjson.loads(ended("p-x")), "data": {"name": "x"}}),
+        "too_large": b"{" + b" " * (MAX_EVENT_BYTES + 10) + b"}",
+    }
+    # All on one key: one partition, so the good message after them proves the consumer went on.
+    await bus.publish([OutMessage(topic, "k", value) for value in bad.values()])
+    await bus.publish([OutMessage(topic, "k", ended("p-good"))])
+
+    await eventually(lambda: handled == ["p-good"], "the valid message after the bad ones")
+    await eventually(lambda: len(dead) == len(bad), "every bad message on the dlq")
+    reasons = [m.header("dlq.reason") for m in dead]
+    assert reasons == [reason.encode() for reason in bad]
+    for message in dead:
+        assert message.header("dlq.topic") == topic.encode()
+        assert message.header("dlq.offset") is not None
+        assert message.header("dlq.detail")
+    assert dead[0].value == bad["not_json"], "the original message is kept for inspection"
+    assert dead[-1].header("dlq.truncated") == b"true"
+    assert sorted(sink.dead) == sorted((topic, reason) for reason in bad)
+
+
+async def test_a_handler_failing_for_good_is_dead_lettered_after_its_attempts(
+    bus_factory: BusFactory, unique: str
+) -> None:
+    bus = await bus_factory()
+    topic = f"dlq-failing-{unique}"
+    await bus.ensure_topics([topic, f"{topic}.dlq"])
+    attempts: dict[str, int] = {}
+
+    async def handle(event: Event[Any]) -> None:
+        pid = event.data.promotion_id
+        attempts[pid] = attempts.get(pid, 0) + 1
+        if pid == "p-poison":
+            raise ValueError("this promotion cannot be handled")
+        if pid == "p-flaky" and attempts[pid] < 6:
+            raise ConnectionError("database unreachable")
+
+    sink = Counting()
+    await start_consumer(bus, topic, f"g-{unique}", handle, sink, max_attempts=3)
+    dead = await collect(bus, f"{topic}.dlq", f"dlq-reader-{unique}")
+    await bus.publish([OutMessage(topic, "k", ended(p)) for p in ("p-poison", "p-flaky", "p-ok")])
+
+    await eventually(lambda: attempts.get("p-ok") == 1, "the message after the failing ones")
+    await eventually(lambda: len(dead) == 1, "the poison message on the dlq")
+    assert attempts["p-poison"] == 3
+    assert attempts["p-flaky"] == 6, "a transient failure is retried past max_attempts"
+    assert dead[0].header("dlq.reason") == b"handler_failed"
+    assert b"ValueError" in (dead[0].header("dlq.detail") or b"")
+    assert sink.dead == [(topic, "handler_failed")]
+
+
+async def test_event_types_without_a_handler_pass_by(bus_factory: BusFactory, unique: str) -> None:
+    bus = await bus_factory()
+    topic = f"dlq-other-{unique}"
+    await bus.ensure_topics([topic, f"{topic}.dlq"])
+    handled: list[str] = []
+
+    async def handle(event: Event[Any]) -> None:
+        handled.append(event.data.promotion_id)
+
+    sink = Counting()
+    await start_consumer(bus, topic, f"g-{unique}", handle, sink)
+    other = encode(PromotionCancelled(promotion_id="p-c", cancelled_at=NOW), source="t", time=NOW)
+    await bus.publish([OutMessage(topic, "k", other), OutMessage(topic, "k", ended("p-after"))])
+    await eventually(lambda: handled == ["p-after"], "the message after the unhandled type")
+    assert sink.dead == []
