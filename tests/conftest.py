@@ -42,15 +42,17 @@ def _require(env: str, what: str, probe: str | None) -> str:
     return value
 
 
-@pytest.fixture(scope="session")
-def kafka_bootstrap() -> str:
+@pytest.fixture
+def kafka_bootstrap(request: pytest.FixtureRequest) -> str:
     value = os.environ.get("AFTERGLOW_TEST_KAFKA", "")
     first = value.split(",")[0].removeprefix("PLAINTEXT://") if value else None
-    return _require("AFTERGLOW_TEST_KAFKA", "Kafka", first)
+    bootstrap = _require("AFTERGLOW_TEST_KAFKA", "Kafka", first)
+    request.node.user_properties.append(("real_server", "Kafka"))
+    return bootstrap
 
 
-@pytest.fixture(scope="session")
-def postgres_url() -> str:
+@pytest.fixture
+def postgres_url(request: pytest.FixtureRequest) -> str:
     value = os.environ.get("AFTERGLOW_TEST_DATABASE_URL", "")
     probe = None
     if value:
@@ -58,7 +60,9 @@ def postgres_url() -> str:
 
         url = make_url(value)
         probe = f"{url.host or '127.0.0.1'}:{url.port or 5432}"
-    return _require("AFTERGLOW_TEST_DATABASE_URL", "PostgreSQL", probe)
+    database = _require("AFTERGLOW_TEST_DATABASE_URL", "PostgreSQL", probe)
+    request.node.user_properties.append(("real_server", "PostgreSQL"))
+    return database
 
 
 @pytest.fixture
@@ -75,22 +79,14 @@ def _isolated_settings(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
-_REAL_SERVER_FIXTURES = {"kafka_bootstrap": "Kafka", "postgres_url": "PostgreSQL"}
+# Each test that took a real server, by outcome: CI's log shows they ran.
 _real_server_outcomes: dict[str, dict[str, int]] = {}
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        fixtures = set(getattr(item, "fixturenames", ()))
-        for fixture, server in _REAL_SERVER_FIXTURES.items():
-            if fixture in fixtures:
-                item.user_properties.append(("real_server", server))
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if report.when != "call" and not (report.when == "setup" and report.outcome != "passed"):
         return
-    for name, value in report.user_properties:
+    for name, value in dict.fromkeys(report.user_properties):
         if name == "real_server":
             counts = _real_server_outcomes.setdefault(str(value), {})
             counts[report.outcome] = counts.get(report.outcome, 0) + 1
