@@ -8,10 +8,11 @@ fails with CI=true, so CI can never pass without having run them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -99,3 +100,31 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     for server, counts in sorted(_real_server_outcomes.items()):
         summary = ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items()))
         terminalreporter.write_line(f"{server}: {summary}")
+
+
+@contextlib.asynccontextmanager
+async def fresh_database(postgres_url: str, name: str) -> AsyncIterator[str]:
+    """A new, empty PostgreSQL database, dropped afterwards; yields its URL.
+
+    Services use fixed schema names; a database of its own keeps a test from
+    meeting another test's (or another run's) tables.
+    """
+    from sqlalchemy import text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    admin = create_async_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    async with admin.connect() as conn:
+        await conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        async with admin.connect() as conn:
+            await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        await admin.dispose()
+
+
+@pytest.fixture
+async def fresh_postgres_url(postgres_url: str, unique: str) -> AsyncIterator[str]:
+    async with fresh_database(postgres_url, f"t_{unique}") as url:
+        yield url

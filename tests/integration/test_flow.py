@@ -8,6 +8,7 @@ Run on the embedded stack (in-process bus, SQLite) and on real Kafka and Postgre
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -19,6 +20,7 @@ import pytest
 from services.embedded import Embedded, embedded
 from shared.clock import ManualClock
 from shared.settings import SERVICES, ClockKind, Settings
+from tests.conftest import fresh_database
 
 TOKEN = "flow-token"
 START = datetime(2026, 3, 8, 12, 0, tzinfo=UTC)
@@ -34,33 +36,23 @@ async def stack(
         "outbox_poll_s": 0.05,
         "log_level": "WARNING",
     }
-    if request.param == "embedded":
-        settings = Settings(database_url=f"sqlite+aiosqlite:///{tmp_path / 'a.db'}", **common)
-    else:
-        kafka = request.getfixturevalue("kafka_bootstrap")
-        database = request.getfixturevalue("postgres_url")
-        settings = Settings(
-            database_url=database,
-            kafka_bootstrap_servers=kafka,
-            topic_prefix=f"t{unique}.",
-            **common,
+    async with contextlib.AsyncExitStack() as stack:
+        if request.param == "embedded":
+            settings = Settings(database_url=f"sqlite+aiosqlite:///{tmp_path / 'a.db'}", **common)
+        else:
+            kafka = request.getfixturevalue("kafka_bootstrap")
+            postgres = request.getfixturevalue("postgres_url")
+            settings = Settings(
+                database_url=await stack.enter_async_context(
+                    fresh_database(postgres, f"t_{unique}")
+                ),
+                kafka_bootstrap_servers=kafka,
+                topic_prefix=f"t{unique}.",
+                **common,
+            )
+        yield await stack.enter_async_context(
+            embedded(settings, clock=ManualClock(START), token=TOKEN)
         )
-    async with embedded(settings, clock=ManualClock(START), token=TOKEN) as running:
-        yield running
-    if request.param != "embedded":
-        await _drop_schemas(settings.database_url)
-
-
-async def _drop_schemas(url: str) -> None:
-    # Each run gets fresh schemas: the tables are per service, not per test.
-    from sqlalchemy import text
-    from sqlalchemy.ext.asyncio import create_async_engine
-
-    engine = create_async_engine(url)
-    async with engine.begin() as conn:
-        for service in SERVICES:
-            await conn.execute(text(f'DROP SCHEMA IF EXISTS "{service}" CASCADE'))
-    await engine.dispose()
 
 
 async def eventually(probe: Any, *, timeout_s: float = 60.0) -> Any:
