@@ -22,6 +22,9 @@ from shared.events import Event, EventData, EventError, Registry, dlq_topic
 log = logging.getLogger(__name__)
 
 EventHandler = Callable[[Event[Any]], Awaitable[None]]
+# Several consecutive events of one type from one partition, in order, in one call:
+# the way to one transaction and one bulk write for many events.
+BatchEventHandler = Callable[[list[Event[Any]]], Awaitable[None]]
 
 # Below Kafka's default message limit (1 MiB) so that a dead letter with its headers fits.
 MAX_EVENT_BYTES = 900 * 1024
@@ -60,7 +63,8 @@ class EventConsumer:
         group: str,
         bus: Bus,
         registry: Registry,
-        handlers: Mapping[type[EventData], EventHandler],
+        handlers: Mapping[type[EventData], EventHandler] | None = None,
+        batch_handlers: Mapping[type[EventData], BatchEventHandler] | None = None,
         topic_name: Callable[[str], str] = lambda topic: topic,
         sink: DeadLetterSink | None = None,
         max_attempts: int = 5,
@@ -71,7 +75,12 @@ class EventConsumer:
         self.group = group
         self.bus = bus
         self.registry = registry
-        self.handlers = dict(handlers)
+        self.batch_handlers = dict(batch_handlers or {})
+        # Every handled type: a batch handler also serves single events of its type.
+        self.handlers: dict[type[EventData], Callable[[Any], Awaitable[None]]] = {
+            **dict(handlers or {}),
+            **self.batch_handlers,
+        }
         self.topics = sorted({topic_name(schema.topic) for schema in self.handlers})
         self.sink: DeadLetterSink = sink or _Uncounted()
         self.max_attempts = max_attempts
@@ -79,48 +88,90 @@ class EventConsumer:
         self.transient = transient
 
     async def __call__(self, batch: Sequence[Message]) -> None:
+        run: list[tuple[Message, Event[Any]]] = []
         for message in batch:
-            await self._one(message)
+            event = await self._decode(message)
+            if event is None or type(event.data) not in self.handlers:
+                # Topics carry several event types; the ones this service does not need pass by.
+                continue
+            if run and type(run[0][1].data) is not type(event.data):
+                await self._dispatch(run)
+                run = []
+            run.append((message, event))
+        if run:
+            await self._dispatch(run)
 
-    async def _one(self, message: Message) -> None:
+    async def _decode(self, message: Message) -> Event[Any] | None:
         try:
             if len(message.value) > MAX_EVENT_BYTES:
                 raise EventError(
                     "too_large", f"{len(message.value)} bytes exceeds {MAX_EVENT_BYTES}"
                 )
-            event = self.registry.decode(message.value)
+            return self.registry.decode(message.value)
         except EventError as exc:
             await self._dead_letter(message, exc.reason, exc.detail)
+            return None
+
+    async def _dispatch(self, run: list[tuple[Message, Event[Any]]]) -> None:
+        """Consecutive events of one type: together to a batch handler, else one by one."""
+        schema = type(run[0][1].data)
+        batch_handler = self.batch_handlers.get(schema)
+        if batch_handler is None:
+            for message, event in run:
+                await self._attempt(message, event.type, self.handlers[schema], event)
             return
-        handler = self.handlers.get(type(event.data))
-        if handler is None:
-            # Topics carry several event types; the ones this service does not need pass by.
+        events = [event for _, event in run]
+        if await self._attempt(run[0][0], run[0][1].type, batch_handler, events, isolate=True):
             return
+        # The batch failed for good: find the culprit by handling each event alone.
+        for message, event in run:
+            await self._attempt(message, event.type, batch_handler, [event])
+
+    async def _attempt(
+        self,
+        message: Message,
+        event_type: str,
+        handler: Callable[[Any], Awaitable[None]],
+        argument: Any,
+        *,
+        isolate: bool = False,
+    ) -> bool:
+        """Call until it succeeds: forever if transient, else up to max_attempts.
+
+        Returns False when it failed for good; the message is then dead-lettered,
+        unless `isolate` asks the caller to retry its events one by one instead.
+        """
         attempt = 0
         while True:
             try:
-                await handler(event)
-                return
+                await handler(argument)
+                return True
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 attempt += 1
                 transient = self.transient(exc)
                 if not transient and attempt >= self.max_attempts:
+                    if isolate:
+                        log.warning(
+                            "batch failed for good; handling its events one by one",
+                            extra={"topic": message.topic, "type": event_type},
+                        )
+                        return False
                     log.error(
                         "handler failed for good; message dead-lettered",
-                        extra={"topic": message.topic, "type": event.type, "attempts": attempt},
+                        extra={"topic": message.topic, "type": event_type, "attempts": attempt},
                         exc_info=True,
                     )
                     await self._dead_letter(
                         message, "handler_failed", f"{type(exc).__name__}: {exc}"
                     )
-                    return
+                    return False
                 log.warning(
                     "handler failed; retrying",
                     extra={
                         "topic": message.topic,
-                        "type": event.type,
+                        "type": event_type,
                         "attempt": attempt,
                         "transient": transient,
                         "error": type(exc).__name__,

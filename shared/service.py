@@ -20,7 +20,7 @@ from shared.auth import install_auth
 from shared.bus import Bus, Consumer
 from shared.bus.memory import InProcessBus
 from shared.clock import Clock, clock_router, make_clock
-from shared.consumer import EventConsumer, EventHandler
+from shared.consumer import BatchEventHandler, EventConsumer, EventHandler
 from shared.db import Database
 from shared.events import TOPICS, EventData, Registry, default_registry, dlq_topic
 from shared.logs import configure_logging
@@ -57,6 +57,10 @@ def _no_handlers(ctx: ServiceContext) -> Mapping[type[EventData], EventHandler]:
     return {}
 
 
+def _no_batch_handlers(ctx: ServiceContext) -> Mapping[type[EventData], BatchEventHandler]:
+    return {}
+
+
 def _no_workers(ctx: ServiceContext) -> Sequence[Worker]:
     return ()
 
@@ -69,6 +73,9 @@ class ServiceSpec:
     outbox_table: Table
     routers: Sequence[APIRouter] = ()
     handlers: Callable[[ServiceContext], Mapping[type[EventData], EventHandler]] = _no_handlers
+    batch_handlers: Callable[[ServiceContext], Mapping[type[EventData], BatchEventHandler]] = (
+        _no_batch_handlers
+    )
     workers: Callable[[ServiceContext], Sequence[Worker]] = _no_workers
 
     def create_app(
@@ -166,13 +173,15 @@ def create_service_app(
         try:
             await outbox.start()
             handlers = spec.handlers(ctx)
-            if handlers:
+            batch_handlers = spec.batch_handlers(ctx)
+            if handlers or batch_handlers:
                 runner = EventConsumer(
                     service=spec.name,
                     group=f"{settings.topic_prefix}afterglow-{spec.name}",
                     bus=the_bus,
                     registry=ctx.registry,
                     handlers=handlers,
+                    batch_handlers=batch_handlers,
                     topic_name=settings.topic,
                     sink=metrics,
                     max_attempts=settings.consumer_max_attempts,

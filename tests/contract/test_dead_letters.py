@@ -179,3 +179,53 @@ async def test_event_types_without_a_handler_pass_by(bus_factory: BusFactory, un
     await bus.publish([OutMessage(topic, "k", other), OutMessage(topic, "k", ended("p-after"))])
     await eventually(lambda: handled == ["p-after"], "the message after the unhandled type")
     assert sink.dead == []
+
+
+async def test_a_batch_handler_gets_runs_of_one_type_and_a_poison_event_is_isolated(
+    bus_factory: BusFactory, unique: str
+) -> None:
+    bus = await bus_factory()
+    topic = f"dlq-batch-{unique}"
+    await bus.ensure_topics([topic, f"{topic}.dlq"])
+    calls: list[list[str]] = []
+    handled: list[str] = []
+    cancelled: list[str] = []
+
+    async def handle_many(events: list[Event[Any]]) -> None:
+        ids = [e.data.promotion_id for e in events]
+        calls.append(ids)
+        if "p-poison" in ids:
+            raise ValueError("cannot handle p-poison")
+        handled.extend(ids)
+
+    async def handle_cancel(event: Event[Any]) -> None:
+        cancelled.append(event.data.promotion_id)
+
+    runner = EventConsumer(
+        service="test",
+        group=f"g-{unique}",
+        bus=bus,
+        registry=default_registry(),
+        handlers={PromotionCancelled: handle_cancel},
+        batch_handlers={PromotionEnded: handle_many},
+        topic_name=lambda _: topic,
+        max_attempts=2,
+        backoff=TEST_BACKOFF,
+    )
+    dead = await collect(bus, f"{topic}.dlq", f"dlq-reader-{unique}")
+    cancel = encode(PromotionCancelled(promotion_id="p-c", cancelled_at=NOW), source="t", time=NOW)
+    await bus.publish(
+        [OutMessage(topic, "k", ended(p)) for p in ("p-1", "p-2", "p-poison", "p-3")]
+        + [OutMessage(topic, "k", cancel), OutMessage(topic, "k", ended("p-4"))]
+    )
+    consumer = bus.consumer(runner.group, runner.topics, runner)
+    await consumer.start()
+    collect.consumers.append(consumer)  # type: ignore[attr-defined]
+
+    await eventually(lambda: "p-4" in handled, "the events after the poison one")
+    await eventually(lambda: len(dead) == 1, "the poison event on the dlq")
+    assert handled == ["p-1", "p-2", "p-3", "p-4"], "order kept, poison left out"
+    assert cancelled == ["p-c"]
+    assert ["p-1", "p-2", "p-poison", "p-3"] in calls, "consecutive events came as one batch"
+    assert dead[0].header("dlq.reason") == b"handler_failed"
+    assert orjson.loads(dead[0].value)["data"]["promotion_id"] == "p-poison"
