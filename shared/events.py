@@ -186,14 +186,26 @@ class TouchPlanned(TouchEvent):
     segment: str | None = None
 
 
+class MessageContent(BaseModel):
+    """A template per channel; `${name}` placeholders are filled by delivery from `variables`."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    subject: str = ""
+    body: str
+
+
 class TouchDue(TouchEvent):
+    """Send now: `channels` in order of preference (delivery falls back along it)."""
+
     event_name = "touch.due"
     event_version = 1
     topic = "touches"
     due_at: datetime
+    deadline: datetime | None = None
     channels: list[Channel] = Field(default_factory=list)
     coupon: bool = False
-    template: dict[str, str] = Field(default_factory=dict)
+    content: dict[Channel, MessageContent] = Field(default_factory=dict)
+    variables: dict[str, str] = Field(default_factory=dict)
     segment: str | None = None
 
 
