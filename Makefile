@@ -34,13 +34,13 @@ lock: $(STAMP) ## refresh constraints.txt from the installed versions
 
 .PHONY: format
 format: $(STAMP) ## rewrite the code in the house format
-	$(VENV)/bin/ruff format shared services tests
-	$(VENV)/bin/ruff check --fix shared services tests
+	$(VENV)/bin/ruff format shared services tests benchmarks
+	$(VENV)/bin/ruff check --fix shared services tests benchmarks
 
 .PHONY: lint
 lint: $(STAMP) ## ruff format --check and ruff check
-	$(VENV)/bin/ruff format --check shared services tests
-	$(VENV)/bin/ruff check shared services tests
+	$(VENV)/bin/ruff format --check shared services tests benchmarks
+	$(VENV)/bin/ruff check shared services tests benchmarks
 
 .PHONY: typecheck
 typecheck: $(STAMP) ## mypy (strict) on shared/ and services/
@@ -69,6 +69,10 @@ test: lint typecheck up ## everything CI runs: lint, types, every test tier on r
 .PHONY: demo
 demo: $(STAMP) ## embedded mode: four services, in-process bus, SQLite, one report
 	$(VENV)/bin/afterglow demo
+
+.PHONY: bench-bus
+bench-bus: $(STAMP) up ## bus throughput: events/s produced and consumed through Kafka
+	set -a; . .run/env; set +a; $(PY) -m benchmarks.bus
 
 .PHONY: clean
 clean: ## remove local state (.run, caches); keeps .venv

@@ -1,0 +1,87 @@
+"""Bus throughput: events/s produced and consumed through one KafkaBus (or the in-process bus).
+
+    python -m benchmarks.bus [--messages 100000] [--batch 1000] [--max-batch 500] [--memory]
+
+Needs AFTERGLOW_KAFKA_BOOTSTRAP_SERVERS (from `make up`) unless --memory. Prints figures;
+asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import resource
+import time
+import uuid
+from collections.abc import Sequence
+
+from shared.bus import Bus, Message, OutMessage
+
+
+async def run(bus: Bus, messages: int, batch: int, max_batch: int) -> dict[str, float]:
+    await bus.start()
+    try:
+        topic = f"bench-bus-{uuid.uuid4().hex[:8]}"
+        await bus.ensure_topics([topic])
+        payload = b"x" * 480
+        started = time.perf_counter()
+        for first in range(0, messages, batch):
+            await bus.publish(
+                [
+                    OutMessage(topic, f"user-{i % 1000}", payload + f"{i:020d}".encode())
+                    for i in range(first, min(first + batch, messages))
+                ]
+            )
+        produce_s = time.perf_counter() - started
+
+        seen = 0
+        done = asyncio.Event()
+
+        async def count(received: Sequence[Message]) -> None:
+            nonlocal seen
+            seen += len(received)
+            if seen >= messages:
+                done.set()
+
+        consumer = bus.consumer(f"bench-{topic}", [topic], count, max_batch=max_batch)
+        started = time.perf_counter()
+        await consumer.start()
+        await asyncio.wait_for(done.wait(), timeout=600)
+        consume_s = time.perf_counter() - started
+        await consumer.stop()
+    finally:
+        await bus.stop()
+    return {"produced_per_s": messages / produce_s, "consumed_per_s": messages / consume_s}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--messages", type=int, default=100_000)
+    parser.add_argument("--batch", type=int, default=1000, help="messages per publish call")
+    parser.add_argument("--max-batch", type=int, default=500, help="messages per handler call")
+    parser.add_argument("--memory", action="store_true", help="the in-process bus instead")
+    args = parser.parse_args()
+    bus: Bus
+    if args.memory:
+        from shared.bus.memory import InProcessBus
+
+        bus, kind = InProcessBus(), "in-process"
+    else:
+        from shared.bus.kafka import KafkaBus
+
+        bootstrap = os.environ.get("AFTERGLOW_KAFKA_BOOTSTRAP_SERVERS")
+        if not bootstrap:
+            raise SystemExit("AFTERGLOW_KAFKA_BOOTSTRAP_SERVERS is not set (run `make up`)")
+        bus, kind = KafkaBus(bootstrap, client_id="bench-bus"), f"Kafka at {bootstrap}"
+    figures = asyncio.run(run(bus, args.messages, args.batch, args.max_batch))
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"bus: {kind}, {args.messages:,} messages of 500 bytes, 1,000 keys, one process")
+    produced, consumed = figures["produced_per_s"], figures["consumed_per_s"]
+    print(f"  produced  {produced:>10,.0f} events/s (publish batches of {args.batch})")
+    print(f"  consumed  {consumed:>10,.0f} events/s (handler batches of {args.max_batch})")
+    print(f"  peak RSS  {peak_mb:>10,.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
