@@ -188,6 +188,7 @@ def create_service_app(
                 )
                 consumer = the_bus.consumer(runner.group, runner.topics, runner)
                 await consumer.start()
+            tasks.append(asyncio.create_task(_watch_outbox(ctx), name=f"{spec.name}-outbox-gauge"))
             for worker in spec.workers(ctx):
                 tasks.append(asyncio.create_task(worker(), name=f"{spec.name}-worker"))
             app.state.ctx = ctx
@@ -224,6 +225,19 @@ def create_service_app(
     for router in spec.routers:
         app.include_router(router)
     return app
+
+
+OUTBOX_GAUGE_INTERVAL_S = 10.0
+
+
+async def _watch_outbox(ctx: ServiceContext) -> None:
+    """Keep `afterglow_outbox_pending` current: a growing backlog means the bus is refusing."""
+    while True:
+        try:
+            ctx.metrics.outbox_pending(await ctx.outbox.pending())
+        except Exception:
+            log.warning("could not count the outbox backlog", exc_info=True)
+        await asyncio.sleep(OUTBOX_GAUGE_INTERVAL_S)
 
 
 def _operations_router(service: str) -> APIRouter:
