@@ -34,13 +34,13 @@ lock: $(STAMP) ## refresh constraints.txt from the installed versions
 
 .PHONY: format
 format: $(STAMP) ## rewrite the code in the house format
-	$(VENV)/bin/ruff format shared services tests benchmarks
-	$(VENV)/bin/ruff check --fix shared services tests benchmarks
+	$(VENV)/bin/ruff format shared services tests benchmarks k8s
+	$(VENV)/bin/ruff check --fix shared services tests benchmarks k8s
 
 .PHONY: lint
 lint: $(STAMP) ## ruff format --check and ruff check
-	$(VENV)/bin/ruff format --check shared services tests benchmarks
-	$(VENV)/bin/ruff check shared services tests benchmarks
+	$(VENV)/bin/ruff format --check shared services tests benchmarks k8s
+	$(VENV)/bin/ruff check shared services tests benchmarks k8s
 
 .PHONY: typecheck
 typecheck: $(STAMP) ## mypy (strict) on shared/ and services/
@@ -78,3 +78,10 @@ bench-bus: $(STAMP) up ## bus throughput: events/s produced and consumed through
 clean: ## remove local state (.run, caches); keeps .venv
 	-deploy/down.sh
 	rm -rf .run .pytest_cache .mypy_cache .ruff_cache
+
+.PHONY: manifests
+manifests: $(STAMP) ## Kubernetes: sync the PrometheusRule, render k8s/overlays/{dev,prod} into .run/k8s/
+	$(PY) k8s/sync_rules.py
+	mkdir -p .run/k8s
+	for overlay in dev prod; do k8s/kustomize.sh build k8s/overlays/$$overlay > .run/k8s/$$overlay.yaml || exit 1; done
+	@echo "rendered .run/k8s/dev.yaml and .run/k8s/prod.yaml"

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 CHANNELS = ("sms", "email", "push", "in_app", "social")
@@ -95,6 +95,21 @@ class Settings(BaseSettings):
     outbox_batch: int = Field(500, ge=1)
     outbox_poll_s: float = Field(0.5, gt=0)
     auto_migrate: bool = True
+
+    @field_validator(
+        "kafka_bootstrap_servers",
+        "receipt_secret",
+        "provider_sms_url",
+        "provider_email_url",
+        "provider_push_url",
+        "provider_in_app_url",
+        "provider_social_url",
+        mode="before",
+    )
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        # Compose files and ConfigMaps pass "" for "not configured".
+        return None if isinstance(value, str) and not value.strip() else value
 
     @model_validator(mode="before")
     @classmethod

@@ -83,3 +83,13 @@ def test_production_refuses_insecure_settings(
             monkeypatch.delenv(name)
     with pytest.raises(ValidationError, match=complaint):
         Settings()
+
+
+def test_blank_values_mean_not_configured(monkeypatch: pytest.MonkeyPatch) -> None:
+    use_env(
+        monkeypatch,
+        {"AFTERGLOW_PROVIDER_SMS_URL": "", "AFTERGLOW_KAFKA_BOOTSTRAP_SERVERS": "  "},
+    )
+    settings = Settings()
+    assert settings.provider_url("sms") is None
+    assert settings.kafka_bootstrap_servers is None
