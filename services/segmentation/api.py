@@ -2,19 +2,163 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import zoneinfo
+from datetime import datetime
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Path
-from pydantic import BaseModel, Field, StringConstraints
+from fastapi import APIRouter, Depends, Path, Response
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
-from services.segmentation import handlers
+from services.segmentation import domain, handlers
 from shared.auth import require_scope
+from shared.events import Channel
+from shared.problems import Problem
 from shared.service import Ctx
 
 UserId = Annotated[str, StringConstraints(min_length=1, max_length=128, strip_whitespace=True)]
 PromotionId = Annotated[str, Path(min_length=1, max_length=128)]
+UserIdPath = Annotated[str, Path(min_length=1, max_length=128)]
+Address = Annotated[str, StringConstraints(min_length=1, max_length=512, strip_whitespace=True)]
+Ref = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 
 router = APIRouter(prefix="/v1", tags=["segmentation"])
+READ = [Depends(require_scope("segmentation:read"))]
+WRITE = [Depends(require_scope("segmentation:write"))]
+MAX_ACTIVITIES = 1000
+AMOUNT_KINDS = ("purchase", "refund")
+
+
+# -- users -----------------------------------------------------------------------------------
+
+
+class UserUpdate(BaseModel):
+    """A profile; fields left out keep their current value."""
+
+    model_config = ConfigDict(extra="forbid")
+    birth_year: int | None = Field(None, ge=1900, le=2100)
+    timezone: str = Field("UTC", min_length=1, max_length=64)
+    locale: str | None = Field(None, min_length=2, max_length=35)
+    addresses: dict[Channel, Address] = Field(default_factory=dict)
+    consent: dict[Channel, bool] = Field(default_factory=dict)
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown IANA time zone {value!r}") from None
+        return value
+
+
+class UserPublic(BaseModel):
+    user_id: str
+    birth_year: int | None
+    timezone: str
+    locale: str | None
+    addresses: dict[str, str]
+    consent: dict[str, bool]
+    created_at: datetime
+    updated_at: datetime
+
+
+def _public(profile: handlers.Profile) -> UserPublic:
+    return UserPublic(**profile.__dict__)
+
+
+@router.put("/users/{user_id}", dependencies=WRITE)
+async def put_user(
+    user_id: UserIdPath, body: UserUpdate, ctx: Ctx, response: Response
+) -> UserPublic:
+    """Create or update a user's profile, addresses and consent."""
+    changes = body.model_dump(include=body.model_fields_set)
+    profile, created = await handlers.put_user(ctx, user_id, changes)
+    response.status_code = 201 if created else 200
+    return _public(profile)
+
+
+@router.get("/users/{user_id}", dependencies=READ)
+async def get_user(user_id: UserIdPath, ctx: Ctx) -> UserPublic:
+    """A user's profile, addresses and consent."""
+    profile = await handlers.get_user(ctx, user_id)
+    if profile is None:
+        raise Problem(404, f"no user {user_id!r}", field="user_id")
+    return _public(profile)
+
+
+@router.delete("/users/{user_id}", status_code=204, dependencies=WRITE)
+async def erase_user(user_id: UserIdPath, ctx: Ctx) -> Response:
+    """Erase a user's personal data here and tell every other service to do the same."""
+    await handlers.erase_user(ctx, user_id)
+    return Response(status_code=204)
+
+
+# -- activities --------------------------------------------------------------------------------
+
+
+class ActivityCreate(BaseModel):
+    id: Ref
+    user_id: UserId
+    kind: Literal["purchase", "visit", "click", "open", "refund"]
+    occurred_at: AwareDatetime
+    amount: float | None = Field(None, ge=0, allow_inf_nan=False)
+    currency: str | None = Field(None, pattern=r"^[A-Z]{3}$")
+    item_id: Ref | None = None
+    category: Ref | None = None
+    promotion_id: Ref | None = None
+
+
+class ActivitiesCreate(BaseModel):
+    activities: list[ActivityCreate] = Field(min_length=1, max_length=MAX_ACTIVITIES)
+
+
+class ActivitiesAccepted(BaseModel):
+    received: int
+    recorded: int
+    duplicates: int
+
+
+def _require_amounts(activities: list[ActivityCreate]) -> None:
+    errors = [
+        {
+            "field": f"activities[{index}].amount",
+            "location": "body",
+            "message": f"an amount is required for a {item.kind}",
+        }
+        for index, item in enumerate(activities)
+        if item.kind in AMOUNT_KINDS and item.amount is None
+    ]
+    if errors:
+        detail = f"body.{errors[0]['field']}: {errors[0]['message']}"
+        if len(errors) > 1:
+            detail += f" (and {len(errors) - 1} more)"
+        raise Problem(422, detail, field=errors[0]["field"], errors=errors)
+
+
+@router.post("/activities", status_code=202, dependencies=WRITE)
+async def record_activities(body: ActivitiesCreate, ctx: Ctx) -> ActivitiesAccepted:
+    """Record a batch of up to 1,000 purchases and interactions (idempotent by activity id)."""
+    _require_amounts(body.activities)
+    batch = [
+        domain.Activity(
+            id=a.id,
+            user_id=a.user_id,
+            kind=a.kind,
+            occurred_at=a.occurred_at,
+            amount=a.amount,
+            item_id=a.item_id,
+            promotion_id=a.promotion_id,
+            currency=a.currency,
+            category=a.category,
+        )
+        for a in body.activities
+    ]
+    recorded = await handlers.record_activities(ctx, batch)
+    received = len(batch)
+    return ActivitiesAccepted(received=received, recorded=recorded, duplicates=received - recorded)
+
+
+# -- participants ------------------------------------------------------------------------------
 
 
 class ParticipantsCreate(BaseModel):
@@ -27,14 +171,79 @@ class ParticipantsAccepted(BaseModel):
     added: int
 
 
-@router.post(
-    "/promotions/{promotion_id}/participants",
-    status_code=202,
-    dependencies=[Depends(require_scope("segmentation:write"))],
-)
+@router.post("/promotions/{promotion_id}/participants", status_code=202, dependencies=WRITE)
 async def add_participants(
     promotion_id: PromotionId, body: ParticipantsCreate, ctx: Ctx
 ) -> ParticipantsAccepted:
     """Add participants to a promotion (idempotent)."""
     added = await handlers.add_participants(ctx, promotion_id, body.user_ids)
     return ParticipantsAccepted(promotion_id=promotion_id, received=len(body.user_ids), added=added)
+
+
+# -- segments ----------------------------------------------------------------------------------
+
+
+class Rfm(BaseModel):
+    r: int | None
+    f: int | None
+    m: int | None
+    tier: str | None
+
+
+class SegmentPublic(BaseModel):
+    user_id: str
+    rfm: Rfm
+    ltv: float
+    ltv_tier: str
+    age_band: str
+    value_layer: str | None
+    silent: bool
+    tags: list[str]
+    channel_order: list[Channel]
+    abuse_review: bool
+    scored_at: datetime | None
+
+
+@router.get("/users/{user_id}/segment", dependencies=READ)
+async def get_segment(user_id: UserIdPath, ctx: Ctx) -> SegmentPublic:
+    """A user's RFM scores and tier, LTV tier, age band, value layer, tags and channel order."""
+    seg = await handlers.segment(ctx, user_id)
+    if seg is None:
+        raise Problem(404, f"nothing is known about user {user_id!r}", field="user_id")
+    scores = seg.scores
+    return SegmentPublic(
+        user_id=seg.user_id,
+        rfm=Rfm(
+            r=scores.r if scores else None,
+            f=scores.f if scores else None,
+            m=scores.m if scores else None,
+            tier=seg.rfm_tier,
+        ),
+        ltv=seg.ltv,
+        ltv_tier=seg.ltv_tier,
+        age_band=seg.age_band,
+        value_layer=seg.value_layer,
+        silent=seg.silent,
+        tags=seg.tags,
+        channel_order=seg.channel_order,
+        abuse_review=seg.abuse_review,
+        scored_at=seg.scored_at,
+    )
+
+
+class SegmentCounts(BaseModel):
+    scored_at: datetime | None
+    users: int
+    rfm: dict[str, int]
+    ltv_tier: dict[str, int]
+    value_layer: dict[str, int]
+    age_band: dict[str, int]
+    silent: int
+    abuse_review: int
+
+
+@router.get("/segments", dependencies=READ)
+async def get_segments(ctx: Ctx) -> SegmentCounts:
+    """Users per RFM tier, LTV tier, value layer and age band (as of the last ranking)."""
+    counts: dict[str, Any] = await handlers.segment_counts(ctx)
+    return SegmentCounts(**counts)

@@ -1,10 +1,41 @@
-"""Segmentation's tables (schema `segmentation`)."""
+"""Segmentation's tables (schema `segmentation`) and the queries that need SQL's help."""
 
 from __future__ import annotations
 
-from sqlalchemy import Column, MetaData, String, Table
+from collections.abc import Sequence
+from datetime import date, datetime, timedelta
+from typing import Any
 
-from shared.db import UtcDateTime
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    Date,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    SmallInteger,
+    String,
+    Table,
+    case,
+    cast,
+    delete,
+    func,
+    literal,
+    literal_column,
+    or_,
+    select,
+    text,
+    tuple_,
+    update,
+)
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from services.segmentation import domain
+from services.segmentation.config import SegmentationConfig
+from shared.db import UtcDateTime, insert_ignore, upsert
 from shared.outbox import outbox_table
 
 SCHEMA = "segmentation"
@@ -32,3 +63,685 @@ audiences = Table(
 )
 
 outbox = outbox_table(metadata)
+
+users = Table(
+    "users",
+    metadata,
+    Column("user_id", String(128), primary_key=True),
+    Column("birth_year", Integer, nullable=True),
+    Column("timezone", String(64), nullable=False),
+    Column("locale", String(35), nullable=True),
+    Column("addresses", JSON, nullable=False),
+    Column("consent", JSON, nullable=False),
+    Column("created_at", UtcDateTime(), nullable=False),
+    Column("updated_at", UtcDateTime(), nullable=False),
+)
+
+# Who was erased and when: activities of theirs that occurred before arrive late
+# (a replayed topic, a retried batch) are dropped instead of bringing them back.
+erasures = Table(
+    "erasures",
+    metadata,
+    Column("user_id", String(128), primary_key=True),
+    Column("erased_at", UtcDateTime(), nullable=False),
+)
+
+activities = Table(
+    "activities",
+    metadata,
+    Column("id", String(128), primary_key=True),
+    Column("user_id", String(128), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("occurred_at", UtcDateTime(), nullable=False),
+    Column("amount", Float, nullable=True),
+    Column("currency", String(3), nullable=True),
+    Column("item_id", String(128), nullable=True),
+    Column("category", String(128), nullable=True),
+    Column("promotion_id", String(128), nullable=True),
+    Column("recorded_at", UtcDateTime(), nullable=False),
+    Index("ix_activities_user_time", "user_id", "occurred_at"),
+)
+
+# Kept current by every batch of activities and engagements (batched upserts);
+# the periodic ranking reads nothing else.
+aggregates = Table(
+    "aggregates",
+    metadata,
+    Column("user_id", String(128), primary_key=True),
+    Column("purchases", Integer, nullable=False, default=0),
+    Column("visits", Integer, nullable=False, default=0),
+    Column("monetary", Float, nullable=False, default=0.0),
+    Column("ltv", Float, nullable=False, default=0.0),
+    Column("last_purchase_at", UtcDateTime(), nullable=True),
+    Column("last_interaction_at", UtcDateTime(), nullable=True),
+    Column("abuse_review", Boolean, nullable=False, default=False),
+    Column("updated_at", UtcDateTime(), nullable=False),
+)
+
+# Net spend per user and calendar month: the LTV window moves by whole months.
+user_months = Table(
+    "user_months",
+    metadata,
+    Column("user_id", String(128), primary_key=True),
+    Column("month", Date, primary_key=True),
+    Column("amount", Float, nullable=False),
+    Column("purchases", Integer, nullable=False),
+)
+
+channel_engagement = Table(
+    "channel_engagement",
+    metadata,
+    Column("user_id", String(128), primary_key=True),
+    Column("channel", String(16), primary_key=True),
+    Column("opens", Integer, nullable=False),
+    Column("clicks", Integer, nullable=False),
+    Column("last_at", UtcDateTime(), nullable=False),
+)
+
+# (touch, kind) already counted: a redelivered engagement is not counted twice.
+engagements_seen = Table(
+    "engagements_seen",
+    metadata,
+    Column("touch_id", String(128), primary_key=True),
+    Column("kind", String(16), primary_key=True),
+)
+
+# The last full ranking, rebuilt by every pass.
+user_scores = Table(
+    "user_scores",
+    metadata,
+    Column("user_id", String(128), primary_key=True),
+    Column("r", SmallInteger, nullable=False),
+    Column("f", SmallInteger, nullable=False),
+    Column("m", SmallInteger, nullable=False),
+    Column("value_layer", String(8), nullable=False),
+    # The value the layer was given for: the layer stands while the value is unchanged.
+    Column("ltv", Float, nullable=False),
+)
+
+STATE_ID = 1
+scoring_state = Table(
+    "scoring_state",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("scored_at", UtcDateTime(), nullable=True),
+    Column("users", Integer, nullable=False),
+    Column("cuts", JSON, nullable=True),
+    Column("ltv_window_start", Date, nullable=True),
+    Column("seconds", Float, nullable=True),
+)
+
+
+# -- reading -------------------------------------------------------------------------
+
+
+def aggregates_of(row: Any) -> domain.Aggregates:
+    return domain.Aggregates(
+        user_id=row.user_id,
+        purchases=row.purchases,
+        monetary=row.monetary,
+        ltv=row.ltv,
+        last_purchase_at=row.last_purchase_at,
+        last_interaction_at=row.last_interaction_at,
+        abuse_review=bool(row.abuse_review),
+    )
+
+
+async def scoring_state_of(conn: AsyncConnection) -> Any:
+    return (
+        await conn.execute(select(scoring_state).where(scoring_state.c.id == STATE_ID))
+    ).one_or_none()
+
+
+async def window_start(conn: AsyncConnection, now: datetime, config: SegmentationConfig) -> date:
+    """The LTV window as the last pass left it (activities are counted against that one)."""
+    state = await scoring_state_of(conn)
+    if state is not None and state.ltv_window_start is not None:
+        return as_date(state.ltv_window_start)
+    return domain.ltv_window_start(now, config.ltv.window_months)
+
+
+def as_date(value: Any) -> date:
+    return value if isinstance(value, date) else date.fromisoformat(str(value))
+
+
+def participants_between(promotion_id: str, first: str, last: str) -> Any:
+    """The user ids of one audience chunk, as a subquery (no list of ids to bind)."""
+    p = participants.c
+    return select(p.user_id).where(
+        p.promotion_id == promotion_id, p.user_id >= first, p.user_id <= last
+    )
+
+
+async def engagement_of(
+    conn: AsyncConnection, user_ids: Sequence[str] | Any
+) -> dict[str, dict[Any, tuple[int, int]]]:
+    """(opens, clicks) per channel of each user; `user_ids` a list or a subquery."""
+    found: dict[str, dict[Any, tuple[int, int]]] = {}
+    if isinstance(user_ids, list) and not user_ids:
+        return found
+    rows = await conn.execute(
+        select(channel_engagement).where(channel_engagement.c.user_id.in_(user_ids))
+    )
+    for row in rows:
+        found.setdefault(row.user_id, {})[row.channel] = (row.opens, row.clicks)
+    return found
+
+
+async def window_counts(
+    conn: AsyncConnection, user_ids: Sequence[str] | Any, days: int, now: datetime
+) -> dict[str, domain.WindowCounts]:
+    """Purchases, net spend and visits of each user within the last `days` days."""
+    if isinstance(user_ids, list) and not user_ids:
+        return {}
+    a = activities.c
+    query = (
+        select(
+            a.user_id,
+            func.sum(case((a.kind == "purchase", 1), else_=0)).label("purchases"),
+            func.sum(
+                case(
+                    (a.kind == "purchase", func.coalesce(a.amount, 0.0)),
+                    (a.kind == "refund", -func.coalesce(a.amount, 0.0)),
+                    else_=0.0,
+                )
+            ).label("spend"),
+            func.sum(case((a.kind == "visit", 1), else_=0)).label("visits"),
+        )
+        .where(a.user_id.in_(user_ids), a.occurred_at > now - _days(days), a.occurred_at <= now)
+        .group_by(a.user_id)
+    )
+    return {
+        row.user_id: domain.WindowCounts(int(row.purchases), float(row.spend), int(row.visits))
+        for row in await conn.execute(query)
+    }
+
+
+def _days(days: int) -> timedelta:
+    return timedelta(days=days)
+
+
+# -- writing activities ------------------------------------------------------------------
+
+
+async def insert_new_activities(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> set[str]:
+    """Insert what is new; return the ids that were (an id seen before is ignored)."""
+    if not rows:
+        return set()
+    result = await conn.execute(insert_ignore(activities).returning(activities.c.id), list(rows))
+    return set(result.scalars())
+
+
+def _later_of(column: Any, proposed: Any) -> Any:
+    """The later of the kept and the proposed timestamp; NULL-safe on both dialects."""
+    return case(
+        (column.is_(None), proposed),
+        (proposed.is_(None), column),
+        (proposed > column, proposed),
+        else_=column,
+    )
+
+
+async def add_to_aggregates(
+    conn: AsyncConnection, deltas: Sequence[domain.UserDelta], now: datetime
+) -> None:
+    if not deltas:
+        return
+    ins = postgresql.insert(aggregates)
+    ex = ins.excluded
+    t = aggregates.c
+    stmt = ins.on_conflict_do_update(
+        index_elements=["user_id"],
+        set_={
+            "purchases": t.purchases + ex.purchases,
+            "visits": t.visits + ex.visits,
+            "monetary": t.monetary + ex.monetary,
+            "ltv": t.ltv + ex.ltv,
+            "last_purchase_at": _later_of(t.last_purchase_at, ex.last_purchase_at),
+            "last_interaction_at": _later_of(t.last_interaction_at, ex.last_interaction_at),
+            "updated_at": ex.updated_at,
+        },
+    )
+    await conn.execute(
+        stmt,
+        [
+            {
+                "user_id": d.user_id,
+                "purchases": d.purchases,
+                "visits": d.visits,
+                "monetary": d.monetary,
+                "ltv": d.ltv,
+                "last_purchase_at": d.last_purchase_at,
+                "last_interaction_at": d.last_interaction_at,
+                "abuse_review": False,
+                "updated_at": now,
+            }
+            for d in deltas
+        ],
+    )
+
+
+async def add_to_months(
+    conn: AsyncConnection, buckets: dict[tuple[str, date], tuple[float, int]]
+) -> None:
+    if not buckets:
+        return
+    ins = postgresql.insert(user_months)
+    stmt = ins.on_conflict_do_update(
+        index_elements=["user_id", "month"],
+        set_={
+            "amount": user_months.c.amount + ins.excluded.amount,
+            "purchases": user_months.c.purchases + ins.excluded.purchases,
+        },
+    )
+    await conn.execute(
+        stmt,
+        [
+            {"user_id": uid, "month": month, "amount": amount, "purchases": count}
+            for (uid, month), (amount, count) in buckets.items()
+        ],
+    )
+
+
+async def purchase_times(
+    conn: AsyncConnection,
+    pairs: Sequence[tuple[str, str]],
+    since: datetime,
+    until: datetime,
+) -> dict[tuple[str, str], list[datetime]]:
+    """Purchase times of each (user, item) pair between `since` and `until`."""
+    a = activities.c
+    found: dict[tuple[str, str], list[datetime]] = {}
+    for start in range(0, len(pairs), 500):
+        chunk = pairs[start : start + 500]
+        rows = await conn.execute(
+            select(a.user_id, a.item_id, a.occurred_at).where(
+                a.user_id.in_(sorted({u for u, _ in chunk})),
+                tuple_(a.user_id, a.item_id).in_(chunk),
+                a.kind == "purchase",
+                a.occurred_at >= since,
+                a.occurred_at <= until,
+            )
+        )
+        for row in rows:
+            found.setdefault((row.user_id, row.item_id), []).append(row.occurred_at)
+    return found
+
+
+async def flag_abuse(conn: AsyncConnection, user_ids: Sequence[str], now: datetime) -> None:
+    if user_ids:
+        await conn.execute(
+            update(aggregates)
+            .where(aggregates.c.user_id.in_(sorted(user_ids)))
+            .values(abuse_review=True, updated_at=now)
+        )
+
+
+async def touch_aggregates(
+    conn: AsyncConnection, last_interaction: dict[str, datetime], now: datetime
+) -> None:
+    """Create missing aggregate rows and move their last interaction forward."""
+    if not last_interaction:
+        return
+    await add_to_aggregates(
+        conn,
+        [
+            domain.UserDelta(user_id=uid, last_interaction_at=when)
+            for uid, when in sorted(last_interaction.items())
+        ],
+        now,
+    )
+
+
+async def add_engagement(
+    conn: AsyncConnection, counts: dict[tuple[str, str], tuple[int, int, datetime]]
+) -> None:
+    if not counts:
+        return
+    ins = postgresql.insert(channel_engagement)
+    t = channel_engagement.c
+    stmt = ins.on_conflict_do_update(
+        index_elements=["user_id", "channel"],
+        set_={
+            "opens": t.opens + ins.excluded.opens,
+            "clicks": t.clicks + ins.excluded.clicks,
+            "last_at": _later_of(t.last_at, ins.excluded.last_at),
+        },
+    )
+    await conn.execute(
+        stmt,
+        [
+            {"user_id": uid, "channel": ch, "opens": o, "clicks": c, "last_at": at}
+            for (uid, ch), (o, c, at) in sorted(counts.items())
+        ],
+    )
+
+
+# -- the ranking ------------------------------------------------------------------------
+
+
+async def recompute_ltv(conn: AsyncConnection, start: date) -> None:
+    """LTV of every user from the monthly buckets of the window (when the window moved)."""
+    m = user_months.c
+    in_window = (
+        select(func.coalesce(func.sum(m.amount), 0.0))
+        .where(m.user_id == aggregates.c.user_id, m.month >= start)
+        .scalar_subquery()
+    )
+    await conn.execute(update(aggregates).values(ltv=in_window))
+
+
+# Sorting 1,000,000 rows in memory instead of on disk (PostgreSQL; this transaction only).
+RANKING_WORK_MEM = "256MB"
+
+
+async def _values_at(
+    conn: AsyncConnection, order: Sequence[Any], columns: Sequence[Any], positions: Sequence[int]
+) -> dict[int, tuple[Any, ...]]:
+    """The values at 1-based positions of the population sorted by `order` (one sort)."""
+    ranked = select(
+        *[c.label(f"c{i}") for i, c in enumerate(columns)],
+        func.row_number().over(order_by=order).label("position"),
+    ).subquery()
+    rows = await conn.execute(select(ranked).where(ranked.c.position.in_(sorted(set(positions)))))
+    return {int(row.position): tuple(row[: len(columns)]) for row in rows}
+
+
+def _above(column: Any, thresholds: Sequence[Any], type_: Any) -> Any:
+    """1 + how many thresholds the value is above (None: above for any non-null value)."""
+    score: Any = literal(1)
+    for t in thresholds:
+        over = column.is_not(None) if t is None else column > literal(t, type_)
+        score = score + case((over, 1), else_=0)
+    return score
+
+
+async def rank_everyone(
+    conn: AsyncConnection, is_postgres: bool, shares: tuple[int, int, int]
+) -> domain.Cuts | None:
+    """Replace the ranking by a new one over the aggregates; return its thresholds.
+
+    The formulas of `domain.score_population`, found by PostgreSQL (or SQLite): one
+    row_number() sort per measure gives the values at the quintile and layer
+    positions (`domain.threshold_positions`, `domain.layer_positions`), then one scan
+    scores everyone against them. None when there is nobody to rank.
+    """
+    t = aggregates.c
+    if is_postgres:
+        await conn.execute(text(f"SET LOCAL work_mem = '{RANKING_WORK_MEM}'"))
+        await conn.execute(text(f'TRUNCATE "{SCHEMA}".user_scores'))
+    else:
+        await conn.execute(delete(user_scores))
+    n = int(await conn.scalar(select(func.count()).select_from(aggregates)) or 0)
+    if n == 0:
+        return None
+    positions = domain.threshold_positions(n)
+
+    async def thresholds(order: Any, column: Any) -> tuple[Any, ...]:
+        found = await _values_at(conn, [order], [column], positions)
+        return tuple(found[j][0] for j in positions)
+
+    recency = await thresholds(t.last_purchase_at.asc().nulls_first(), t.last_purchase_at)
+    frequency = await thresholds(t.purchases, t.purchases)
+    monetary = await thresholds(t.monetary, t.monetary)
+    p1, p2 = domain.layer_positions(n, shares)
+    layer_at = await _values_at(conn, [t.ltv, t.user_id], [t.ltv, t.user_id], [p1, p2])
+    by_value = tuple_(t.ltv, t.user_id)
+
+    def up_to(position: int) -> Any:
+        ltv, user_id = layer_at[position]
+        return by_value <= tuple_(literal(ltv, Float), literal(user_id, String))
+
+    layer: Any = literal_column("'head'")
+    if p2:
+        layer = case((up_to(p2), literal_column("'core'")), else_=layer)
+    if p1:
+        layer = case((up_to(p1), literal_column("'base'")), else_=layer)
+    scored = select(
+        t.user_id,
+        _above(t.last_purchase_at, recency, UtcDateTime()),
+        _above(t.purchases, frequency, Integer()),
+        _above(t.monetary, monetary, Float()),
+        layer,
+        t.ltv,
+    )
+    await conn.execute(
+        user_scores.insert().from_select(["user_id", "r", "f", "m", "value_layer", "ltv"], scored)
+    )
+    return domain.Cuts(
+        recency=tuple(None if v is None else _utc(v) for v in recency),
+        frequency=tuple(float(v) for v in frequency),
+        monetary=tuple(float(v) for v in monetary),
+        base_max=float(layer_at[p1][0]) if p1 else None,
+        core_max=float(layer_at[p2][0]) if p2 else None,
+    )
+
+
+def _utc(value: Any) -> datetime:
+    if isinstance(value, datetime):
+        return domain.aware(value)
+    return domain.aware(datetime.fromisoformat(str(value)))
+
+
+async def save_state(
+    conn: AsyncConnection,
+    *,
+    scored_at: datetime,
+    users_ranked: int,
+    cuts: domain.Cuts | None,
+    start: date,
+    seconds: float,
+) -> None:
+    await conn.execute(
+        upsert(scoring_state, ["id"]),
+        {
+            "id": STATE_ID,
+            "scored_at": scored_at,
+            "users": users_ranked,
+            "cuts": None if cuts is None else cuts.to_json(),
+            "ltv_window_start": start,
+            "seconds": seconds,
+        },
+    )
+
+
+async def tier_counts(conn: AsyncConnection, config: SegmentationConfig) -> list[Any]:
+    """(r, f, m, value_layer, ltv_tier, users) of the last ranking."""
+    s = user_scores.c
+    ltv = config.ltv
+    ltv_tier = case(
+        (s.ltv > ltv.high_potential_above, literal_column("'high_potential'")),
+        (s.ltv >= ltv.potential_churn_from, literal_column("'potential_churn'")),
+        else_=literal_column("'silent'"),
+    ).label("ltv_tier")
+    rows = await conn.execute(
+        select(s.r, s.f, s.m, s.value_layer, ltv_tier, func.count().label("users")).group_by(
+            s.r, s.f, s.m, s.value_layer, ltv_tier
+        )
+    )
+    return list(rows.all())
+
+
+async def birth_year_counts(conn: AsyncConnection) -> list[Any]:
+    rows = await conn.execute(
+        select(users.c.birth_year, func.count().label("users")).group_by(users.c.birth_year)
+    )
+    return list(rows.all())
+
+
+async def silent_count(conn: AsyncConnection, cutoff: datetime) -> int:
+    t = aggregates.c
+    count = await conn.scalar(
+        select(func.count()).where(
+            or_(t.last_interaction_at.is_(None), t.last_interaction_at <= cutoff)
+        )
+    )
+    return int(count or 0)
+
+
+async def abuse_count(conn: AsyncConnection) -> int:
+    count = await conn.scalar(select(func.count()).where(aggregates.c.abuse_review.is_(True)))
+    return int(count or 0)
+
+
+# -- erasure -----------------------------------------------------------------------------
+
+
+async def erase(conn: AsyncConnection, user_id: str) -> int:
+    """Delete everything kept about one user; returns how many rows went."""
+    removed = 0
+    for table in (
+        users,
+        activities,
+        aggregates,
+        user_months,
+        channel_engagement,
+        user_scores,
+        participants,
+    ):
+        result = await conn.execute(delete(table).where(table.c.user_id == user_id))
+        removed += max(result.rowcount or 0, 0)
+    return removed
+
+
+def late_for_erased(erased_at: dict[str, datetime], user_id: str, occurred_at: datetime) -> bool:
+    when = erased_at.get(user_id)
+    return when is not None and occurred_at <= when
+
+
+async def erased_among(conn: AsyncConnection, user_ids: Sequence[str]) -> dict[str, datetime]:
+    if not user_ids:
+        return {}
+    rows = await conn.execute(select(erasures).where(erasures.c.user_id.in_(sorted(user_ids))))
+    return {row.user_id: row.erased_at for row in rows}
+
+
+def audience_query(promotion_id: str, cursor: str | None, limit: int) -> Any:
+    """One chunk of participants with everything their snapshot needs, in user id order."""
+    p, u, a, s = participants.c, users.c, aggregates.c, user_scores.c
+    query = (
+        select(
+            p.user_id,
+            u.birth_year,
+            u.timezone,
+            u.locale,
+            u.addresses,
+            u.consent,
+            a.purchases,
+            a.monetary,
+            a.ltv,
+            a.last_purchase_at,
+            a.last_interaction_at,
+            a.abuse_review,
+            s.value_layer.label("ranked_layer"),
+            s.ltv.label("ranked_ltv"),
+        )
+        .select_from(
+            participants.outerjoin(users, u.user_id == p.user_id)
+            .outerjoin(aggregates, a.user_id == p.user_id)
+            .outerjoin(user_scores, s.user_id == p.user_id)
+        )
+        .where(p.promotion_id == promotion_id)
+        .order_by(p.user_id)
+        .limit(limit)
+    )
+    if cursor is not None:
+        query = query.where(p.user_id > cursor)
+    return query
+
+
+async def rebuild_from_activities(conn: AsyncConnection, start: date, now: datetime) -> int:
+    """Recount every aggregate and monthly bucket from the raw activities (after a restore).
+
+    Abuse flags stay as they are: they are decisions awaiting review, not counts.
+    """
+    a = activities.c
+    is_purchase = a.kind == "purchase"
+    signed = case(
+        (is_purchase, func.coalesce(a.amount, 0.0)),
+        (a.kind == "refund", -func.coalesce(a.amount, 0.0)),
+        else_=0.0,
+    )
+    await conn.execute(delete(user_months))
+    month_expr: Any
+    if conn.dialect.name == "postgresql":
+        month_expr = cast(func.date_trunc("month", a.occurred_at), Date)
+    else:
+        month_expr = func.date(a.occurred_at, "start of month")
+    buckets = (
+        select(
+            a.user_id,
+            month_expr.label("month"),
+            func.sum(signed).label("amount"),
+            func.sum(case((is_purchase, 1), else_=0)).label("purchases"),
+        )
+        .where(a.kind.in_(("purchase", "refund")))
+        .group_by(a.user_id, month_expr)
+    )
+    await conn.execute(
+        user_months.insert().from_select(["user_id", "month", "amount", "purchases"], buckets)
+    )
+    m = user_months.c
+    ltv = (
+        select(m.user_id, func.sum(m.amount).label("ltv"))
+        .where(m.month >= start)
+        .group_by(m.user_id)
+        .subquery()
+    )
+    interaction = a.kind.in_(sorted(domain.INTERACTIONS))
+    counts = (
+        select(
+            a.user_id,
+            func.sum(case((is_purchase, 1), else_=0)).label("purchases"),
+            func.sum(case((a.kind == "visit", 1), else_=0)).label("visits"),
+            func.sum(signed).label("monetary"),
+            func.max(case((is_purchase, a.occurred_at))).label("last_purchase_at"),
+            func.max(case((interaction, a.occurred_at))).label("last_interaction_at"),
+        )
+        .group_by(a.user_id)
+        .subquery()
+    )
+    rows = select(
+        counts.c.user_id,
+        counts.c.purchases,
+        counts.c.visits,
+        counts.c.monetary,
+        func.coalesce(ltv.c.ltv, 0.0),
+        counts.c.last_purchase_at,
+        counts.c.last_interaction_at,
+        literal(False, Boolean),
+        literal(now, UtcDateTime()),
+    ).select_from(counts.outerjoin(ltv, ltv.c.user_id == counts.c.user_id))
+    # SQLite needs a WHERE before an upsert's ON CONFLICT to parse INSERT ... SELECT.
+    rows = rows.where(counts.c.user_id.is_not(None))
+    ins = postgresql.insert(aggregates).from_select(
+        [
+            "user_id",
+            "purchases",
+            "visits",
+            "monetary",
+            "ltv",
+            "last_purchase_at",
+            "last_interaction_at",
+            "abuse_review",
+            "updated_at",
+        ],
+        rows,
+    )
+    stmt = ins.on_conflict_do_update(
+        index_elements=["user_id"],
+        set_={
+            name: ins.excluded[name]
+            for name in (
+                "purchases",
+                "visits",
+                "monetary",
+                "ltv",
+                "last_purchase_at",
+                "last_interaction_at",
+                "updated_at",
+            )
+        },
+    )
+    result = await conn.execute(stmt)
+    return max(result.rowcount or 0, 0)
