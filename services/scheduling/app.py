@@ -3,30 +3,62 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
-from services.scheduling import api, handlers, store
-from shared.consumer import EventHandler
-from shared.events import AudienceMemberResolved, DeliveryFailed, DeliverySent, EventData
-from shared.service import ServiceContext, ServiceSpec
+from services.scheduling import api, dispatcher, handlers, planning, store
+from services.scheduling.config import SchedulingSettings
+from shared.consumer import BatchEventHandler, EventHandler
+from shared.events import (
+    AudienceMemberResolved,
+    DeliveryFailed,
+    DeliverySent,
+    EngagementRecorded,
+    EventData,
+    PromotionCancelled,
+    PromotionEnded,
+    UserErased,
+    UserUpdated,
+)
+from shared.service import ServiceContext, ServiceSpec, Worker
 
 
 def event_handlers(ctx: ServiceContext) -> Mapping[type[EventData], EventHandler]:
     outcome = functools.partial(handlers.on_delivery_outcome, ctx)
     return {
-        AudienceMemberResolved: functools.partial(handlers.on_audience_member, ctx),
+        PromotionEnded: functools.partial(handlers.on_promotion_ended, ctx),
+        PromotionCancelled: functools.partial(handlers.on_promotion_cancelled, ctx),
+        UserUpdated: functools.partial(handlers.on_user_updated, ctx),
+        UserErased: functools.partial(handlers.on_user_erased, ctx),
+        EngagementRecorded: functools.partial(handlers.on_engagement, ctx),
         DeliverySent: outcome,
         DeliveryFailed: outcome,
     }
 
 
-SPEC = ServiceSpec(
-    name="scheduling",
-    description="Policies, waves, caps, fatigue and durable timers.",
-    metadata=store.metadata,
-    outbox_table=store.outbox,
-    routers=(api.router,),
-    handlers=event_handlers,
-)
+def batch_handlers(ctx: ServiceContext) -> Mapping[type[EventData], BatchEventHandler]:
+    return {AudienceMemberResolved: functools.partial(planning.on_audience_members, ctx)}
 
+
+def make_spec(config: SchedulingSettings | None = None) -> ServiceSpec:
+    """The service; `config` overrides the AFTERGLOW_SCHEDULING_* environment (tests)."""
+
+    def workers(ctx: ServiceContext) -> Sequence[Worker]:
+        settings = config or SchedulingSettings()
+        return [
+            functools.partial(dispatcher.run, ctx, settings) for _ in range(settings.dispatchers)
+        ]
+
+    return ServiceSpec(
+        name="scheduling",
+        description="Policies, waves, caps, fatigue and durable timers.",
+        metadata=store.metadata,
+        outbox_table=store.outbox,
+        routers=(api.router,),
+        handlers=event_handlers,
+        batch_handlers=batch_handlers,
+        workers=workers,
+    )
+
+
+SPEC = make_spec()
 create_app = SPEC.create_app

@@ -1,37 +1,74 @@
-"""Scheduling's commands and event handlers.
-
-The planning and dispatch below are the smoke flow of the foundation: one
-`launch` touch per participant, due at once. Policies, waves, caps, quiet
-hours and durable timers replace it.
-"""
+"""Scheduling's commands and event handlers: policies, ending and cancelling promotions,
+planning from audience events, and what users, engagements and deliveries change."""
 
 from __future__ import annotations
 
-import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-from services.scheduling import store
-from shared.db import insert_ignore
+from services.scheduling import domain, store
+from services.scheduling.policy import Policy
+from services.scheduling.state import (
+    DEFAULT_POLICY,
+    UnknownPolicy,
+    current_policy,
+    fatigue_values,
+    history_row,
+    load_fatigue,
+    lock_users,
+    policy_at,
+)
+from shared.db import insert_ignore, upsert
 from shared.events import (
-    AudienceMemberResolved,
     DeliveryFailed,
     DeliverySent,
+    EngagementRecorded,
     Event,
+    PromotionCancelled,
     PromotionEnded,
-    TouchDue,
-    TouchPlanned,
+    TouchSuppressed,
+    UserErased,
+    UserUpdated,
 )
 from shared.service import ServiceContext
 
-TOUCH_NAMESPACE = uuid.UUID("6f1b7a52-3c1e-4d8e-9a7e-1f0c2b9d4e11")
+__all__ = ["UnknownPolicy", "touch_id"]
+
+touch_id = domain.touch_id
+CANCEL_CHUNK = 2000
+_KEY_CHUNK = 5000
 
 
-def touch_id(promotion_id: str, user_id: str, wave: str) -> str:
-    """Deterministic, so a redelivered audience event plans the same touch again (a no-op)."""
-    return str(uuid.uuid5(TOUCH_NAMESPACE, f"{promotion_id}\x1f{user_id}\x1f{wave}"))
+# -- policies ---------------------------------------------------------------------
+
+
+async def get_policy(ctx: ServiceContext, name: str) -> tuple[int, Policy]:
+    async with ctx.db.begin() as conn:
+        return await current_policy(conn, name, ctx.clock.now())
+
+
+async def put_policy(ctx: ServiceContext, name: str, policy: Policy) -> tuple[int, bool]:
+    """Store a new version unless it equals the newest; returns (version, created)."""
+    now = ctx.clock.now()
+    body = policy.model_dump(mode="json")
+    async with ctx.db.begin() as conn:
+        try:
+            version, latest = await current_policy(conn, name, now)
+        except UnknownPolicy:
+            version, latest = 0, None
+        if latest is not None and latest.model_dump(mode="json") == body:
+            return version, False
+        p = store.policies
+        await conn.execute(
+            p.insert(), {"name": name, "version": version + 1, "body": body, "created_at": now}
+        )
+    return version + 1, True
+
+
+# -- promotions -------------------------------------------------------------------
 
 
 async def end_promotion(
@@ -40,12 +77,14 @@ async def end_promotion(
     """Record the end of a promotion and announce it, once; False when it had already ended."""
     now = ctx.clock.now()
     async with ctx.db.begin() as conn:
+        version, _ = await current_policy(conn, policy, now)
         result = await conn.execute(
             insert_ignore(store.promotions),
             {
                 "promotion_id": promotion_id,
                 "name": name,
                 "policy": policy,
+                "policy_version": version,
                 "ended_at": ended_at,
                 "status": "ended",
                 "created_at": now,
@@ -66,116 +105,250 @@ async def end_promotion(
     return True
 
 
-async def on_audience_member(ctx: ServiceContext, event: Event[Any]) -> None:
-    member: AudienceMemberResolved = event.data
-    tid = touch_id(member.promotion_id, member.user_id, "launch")
+async def on_promotion_ended(ctx: ServiceContext, event: Event[Any]) -> None:
+    """A promotion ended elsewhere (or our own announcement): remember it, once."""
+    ended: PromotionEnded = event.data
     now = ctx.clock.now()
-    channel = member.segment.channel_order[0] if member.segment.channel_order else "email"
     async with ctx.db.begin() as conn:
-        result = await conn.execute(
-            insert_ignore(store.touches),
+        try:
+            version, _ = await current_policy(conn, ended.policy, now)
+            policy = ended.policy
+        except UnknownPolicy:
+            version, _ = await current_policy(conn, DEFAULT_POLICY, now)
+            policy = DEFAULT_POLICY
+        await conn.execute(
+            insert_ignore(store.promotions),
             {
-                "touch_id": tid,
-                "promotion_id": member.promotion_id,
-                "user_id": member.user_id,
-                "wave": "launch",
-                "channel": channel,
-                "variant": None,
-                "due_at": member.ended_at,
-                "status": "planned",
-                "reason": None,
+                "promotion_id": ended.promotion_id,
+                "name": ended.name,
+                "policy": policy,
+                "policy_version": version,
+                "ended_at": ended.ended_at,
+                "status": "ended",
+                "created_at": now,
+            },
+        )
+
+
+async def cancel_promotion(ctx: ServiceContext, promotion_id: str) -> int | None:
+    """Stop what is pending (idempotent); returns how many touches it cancelled now."""
+    now = ctx.clock.now()
+    p, t = store.promotions, store.touches
+    async with ctx.db.begin() as conn:
+        status = (
+            await conn.execute(select(p.c.status).where(p.c.promotion_id == promotion_id))
+        ).scalar_one_or_none()
+        if status is None:
+            return None
+        if status != "cancelled":
+            await conn.execute(
+                update(p)
+                .where(p.c.promotion_id == promotion_id)
+                .values(status="cancelled", cancelled_at=now)
+            )
+            await ctx.outbox.add(
+                conn, [PromotionCancelled(promotion_id=promotion_id, cancelled_at=now)], now=now
+            )
+    cancelled = 0
+    while True:
+        async with ctx.db.begin() as conn:
+            query = (
+                select(t.c.touch_id, t.c.user_id, t.c.wave, t.c.variant)
+                .where(t.c.promotion_id == promotion_id, t.c.status == "planned")
+                .limit(CANCEL_CHUNK)
+            )
+            if conn.dialect.name == "postgresql":
+                query = query.with_for_update()
+            rows = (await conn.execute(query)).all()
+            if not rows:
+                break
+            await conn.execute(
+                update(t)
+                .where(t.c.touch_id.in_([r.touch_id for r in rows]), t.c.status == "planned")
+                .values(status="cancelled", reason="cancelled", updated_at=now)
+            )
+            await ctx.outbox.add(
+                conn,
+                [
+                    TouchSuppressed(
+                        touch_id=r.touch_id,
+                        user_id=r.user_id,
+                        promotion_id=promotion_id,
+                        wave=r.wave,
+                        variant=r.variant,
+                        reason="cancelled",
+                        at=now,
+                    )
+                    for r in rows
+                ],
+                now=now,
+            )
+            cancelled += len(rows)
+        ctx.outbox.notify()
+    ctx.outbox.notify()
+    return cancelled
+
+
+async def on_promotion_cancelled(ctx: ServiceContext, event: Event[Any]) -> None:
+    data: PromotionCancelled = event.data
+    await cancel_promotion(ctx, data.promotion_id)
+
+
+# -- users ------------------------------------------------------------------------
+
+
+async def on_user_updated(ctx: ServiceContext, event: Event[Any]) -> None:
+    data: UserUpdated = event.data
+    now = ctx.clock.now()
+    async with ctx.db.begin() as conn:
+        await conn.execute(
+            upsert(store.users, ["user_id"], ["timezone", "consent", "updated_at"]),
+            {
+                "user_id": data.user_id,
+                "timezone": data.timezone,
+                "consent": dict(data.consent),
+                "fatigue": "normal",
+                "unanswered": 0,
+                "first_seen_at": now,
                 "updated_at": now,
             },
         )
-        if result.rowcount != 1:
+
+
+async def on_user_erased(ctx: ServiceContext, event: Event[Any]) -> None:
+    """Forget what we know of the user, keep a tombstone, and suppress what is pending."""
+    data: UserErased = event.data
+    now = ctx.clock.now()
+    u, t = store.users, store.touches
+    async with ctx.db.begin() as conn:
+        await lock_users(conn, [data.user_id])
+        await conn.execute(
+            upsert(
+                u,
+                ["user_id"],
+                ["timezone", "consent", "erased_at", "paused", "last_engaged_at", "updated_at"],
+            ),
+            {
+                "user_id": data.user_id,
+                "timezone": "UTC",
+                "consent": None,
+                "erased_at": data.erased_at,
+                "paused": None,
+                "last_engaged_at": None,
+                "fatigue": "normal",
+                "unanswered": 0,
+                "updated_at": now,
+            },
+        )
+        await conn.execute(
+            store.fatigue_history.delete().where(store.fatigue_history.c.user_id == data.user_id)
+        )
+        pending = (
+            await conn.execute(
+                select(t.c.touch_id, t.c.promotion_id, t.c.wave, t.c.variant).where(
+                    t.c.user_id == data.user_id, t.c.status == "planned"
+                )
+            )
+        ).all()
+        if not pending:
             return
-        common = {
-            "touch_id": tid,
-            "promotion_id": member.promotion_id,
-            "user_id": member.user_id,
-            "wave": "launch",
-            "channel": channel,
-        }
+        await conn.execute(
+            update(t)
+            .where(t.c.user_id == data.user_id, t.c.status == "planned")
+            .values(status="suppressed", reason="erased", updated_at=now)
+        )
         await ctx.outbox.add(
             conn,
             [
-                TouchPlanned(**common, due_at=member.ended_at),
-                TouchDue(**common, due_at=member.ended_at, channels=[channel]),
+                TouchSuppressed(
+                    touch_id=r.touch_id,
+                    user_id=data.user_id,
+                    promotion_id=r.promotion_id,
+                    wave=r.wave,
+                    variant=r.variant,
+                    reason="erased",
+                    at=now,
+                )
+                for r in pending
             ],
             now=now,
         )
     ctx.outbox.notify()
 
 
-async def on_delivery_outcome(ctx: ServiceContext, event: Event[Any]) -> None:
-    outcome: DeliverySent | DeliveryFailed = event.data
-    status = "sent" if isinstance(outcome, DeliverySent) else "failed"
-    reason = None if isinstance(outcome, DeliverySent) else str(outcome.reason)[:32]
+# -- engagements and deliveries ---------------------------------------------------
+
+
+async def on_engagement(ctx: ServiceContext, event: Event[Any]) -> None:
+    """Receipts drive the fatigue state machine of the policy the touch was planned with."""
+    data: EngagementRecorded = event.data
+    if data.kind not in ("opened", "clicked", "complained", "unsubscribed"):
+        return
+    now = ctx.clock.now()
     async with ctx.db.begin() as conn:
+        policy = await _policy_of_promotion(ctx, conn, data.promotion_id, now)
+        await lock_users(conn, [data.user_id])
+        before = await load_fatigue(conn, data.user_id)
+        after, change = domain.on_engagement(
+            before, data.kind, data.channel, data.at, policy.fatigue
+        )
+        if after == before:
+            return
         await conn.execute(
-            update(store.touches)
-            .where(store.touches.c.touch_id == outcome.touch_id)
-            .where(store.touches.c.status == "planned")
-            .values(status=status, reason=reason, updated_at=ctx.clock.now())
+            upsert(store.users, ["user_id"], [*list(fatigue_values(after)), "updated_at"]),
+            {
+                "user_id": data.user_id,
+                "timezone": "UTC",
+                "first_seen_at": now,
+                "updated_at": now,
+                **fatigue_values(after),
+            },
         )
+        if change is not None:
+            await conn.execute(store.fatigue_history.insert(), history_row(data.user_id, change))
 
 
-async def plan_summary(ctx: ServiceContext, promotion_id: str) -> dict[str, Any] | None:
-    t = store.touches
-    async with ctx.db.connect() as conn:
-        promotion = (
-            await conn.execute(
-                select(store.promotions).where(store.promotions.c.promotion_id == promotion_id)
-            )
-        ).one_or_none()
-        if promotion is None:
-            return None
-        rows = (
-            await conn.execute(
-                select(t.c.wave, t.c.status, t.c.reason, func.count())
-                .where(t.c.promotion_id == promotion_id)
-                .group_by(t.c.wave, t.c.status, t.c.reason)
-            )
-        ).all()
-    waves: dict[str, dict[str, Any]] = {}
-    for wave, status, reason, count in rows:
-        entry = waves.setdefault(
-            wave,
-            {"wave": wave, "planned": 0, "pending": 0, "sent": 0, "failed": 0, "suppressed": {}},
+async def _policy_of_promotion(
+    ctx: ServiceContext, conn: AsyncConnection, promotion_id: str, now: datetime
+) -> Policy:
+    p = store.promotions
+    row = (
+        await conn.execute(
+            select(p.c.policy, p.c.policy_version).where(p.c.promotion_id == promotion_id)
         )
-        entry["planned"] += count
-        if status == "planned":
-            entry["pending"] += count
-        elif status in ("sent", "failed"):
-            entry[status] += count
-        elif status == "suppressed":
-            entry["suppressed"][reason or "unknown"] = count
-    return {
-        "promotion_id": promotion_id,
-        "policy": promotion.policy,
-        "policy_version": 1,
-        "waves": list(waves.values()),
-    }
+    ).one_or_none()
+    if row is None:
+        version, _ = await current_policy(conn, DEFAULT_POLICY, now)
+        return await policy_at(ctx, conn, DEFAULT_POLICY, version)
+    return await policy_at(ctx, conn, row.policy, row.policy_version)
 
 
-async def user_touches(ctx: ServiceContext, user_id: str) -> list[dict[str, Any]]:
-    t = store.touches
-    async with ctx.db.connect() as conn:
-        rows = (
-            await conn.execute(
-                select(t).where(t.c.user_id == user_id).order_by(t.c.due_at, t.c.touch_id)
-            )
-        ).all()
-    return [
-        {
-            "id": r.touch_id,
-            "promotion_id": r.promotion_id,
-            "wave": r.wave,
-            "channel": r.channel,
-            "variant": r.variant,
-            "due_at": r.due_at,
-            "status": r.status,
-            "reason": r.reason,
-        }
-        for r in rows
-    ]
+async def on_delivery_outcome(ctx: ServiceContext, event: Event[Any]) -> None:
+    """delivery.sent confirms the reserved slot; delivery.failed releases it (nothing reached
+    the user, so the slot may serve a later touch)."""
+    outcome: DeliverySent | DeliveryFailed = event.data
+    sent = isinstance(outcome, DeliverySent)
+    now = ctx.clock.now()
+    t, c = store.touches, store.contacts
+    async with ctx.db.begin() as conn:
+        values: dict[str, Any] = {"status": "sent" if sent else "failed", "updated_at": now}
+        values["reason"] = None if isinstance(outcome, DeliverySent) else str(outcome.reason)[:32]
+        if outcome.channel is not None:
+            values["channel"] = outcome.channel
+        await conn.execute(
+            update(t)
+            .where(t.c.touch_id == outcome.touch_id)
+            .where(t.c.status.in_(("planned", "dispatched")))
+            .values(**values)
+        )
+        await conn.execute(
+            upsert(c, ["touch_id"], ["status"]),
+            {
+                "touch_id": outcome.touch_id,
+                "user_id": outcome.user_id,
+                "at": outcome.at,
+                "promotion_id": outcome.promotion_id,
+                "wave": outcome.wave,
+                "status": "sent" if sent else "released",
+            },
+        )

@@ -1,0 +1,18 @@
+"""Scheduling's own settings (prefix AFTERGLOW_SCHEDULING_), beside the shared ones."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class SchedulingSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="AFTERGLOW_SCHEDULING_", extra="ignore")
+
+    # Due touches claimed per dispatch transaction.
+    dispatch_batch: int = Field(1000, ge=1, le=20_000)
+    # Longest nap of an idle dispatcher (it also wakes when the clock moves or touches
+    # are planned).
+    dispatch_idle_s: float = Field(1.0, gt=0)
+    # Dispatcher loops per process (each claims its own batches).
+    dispatchers: int = Field(1, ge=0, le=32)

@@ -1,0 +1,458 @@
+"""The dispatcher: a loop on the service clock that claims due touches in batches and,
+under a per-user lock, sends, defers or suppresses each one.
+
+Why no touch goes out twice and no cap is exceeded with several replicas:
+- a touch row is claimed with `FOR UPDATE SKIP LOCKED` (PostgreSQL), so one transaction
+  owns it, and it leaves the `planned` state in that transaction;
+- before reading a user's contact history, the transaction takes the user's advisory lock
+  (in key order, so two dispatchers never deadlock); a second dispatcher with another touch
+  of the same user waits, then reads the history including the first one's reservation;
+- the slot counts from the moment touch.due is written (same transaction, outbox), not
+  when delivery confirms; delivery.failed later releases it.
+On SQLite one process writes at a time (`Database.begin`), which gives the same guarantees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import defaultdict
+from collections.abc import Coroutine
+from dataclasses import replace
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import String, and_, bindparam, func, literal, select, text, update
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from services.scheduling import domain, store
+from services.scheduling.config import SchedulingSettings
+from services.scheduling.policy import Policy
+from services.scheduling.state import (
+    OUTBOX_COLUMNS,
+    FastEncoder,
+    bulk_insert,
+    fatigue_of,
+    fatigue_values,
+    history_row,
+    lock_users,
+    policy_at,
+    state,
+)
+from shared.events import TouchDue, TouchSuppressed
+from shared.service import ServiceContext
+
+log = logging.getLogger(__name__)
+DUE_TYPE = TouchDue.event_type()
+SUPPRESSED_TYPE = TouchSuppressed.event_type()
+CONTACT_COLUMNS = ("touch_id", "user_id", "at", "promotion_id", "wave", "status")
+LOCK_TIMEOUT_S = 5.0
+
+_t = store.touches
+_CLAIM_COLUMNS = (
+    _t.c.touch_id,
+    _t.c.user_id,
+    _t.c.promotion_id,
+    _t.c.wave,
+    _t.c.variant,
+    _t.c.due_at,
+    _t.c.planned_due_at,
+    _t.c.deadline,
+    _t.c.parallel,
+    _t.c.rank,
+    _t.c.essential,
+    _t.c.coupon,
+    _t.c.channel_order,
+    _t.c.segment,
+)
+_SENT = (
+    update(_t)
+    .where(_t.c.touch_id == bindparam("b_id"))
+    .values(
+        status="dispatched",
+        channel=bindparam("b_channel"),
+        dispatched_at=bindparam("b_now"),
+        updated_at=bindparam("b_now"),
+    )
+)
+_SUPPRESSED = (
+    update(_t)
+    .where(_t.c.touch_id == bindparam("b_id"))
+    .values(status="suppressed", reason=bindparam("b_reason"), updated_at=bindparam("b_now"))
+)
+_DEFERRED = (
+    update(_t)
+    .where(_t.c.touch_id == bindparam("b_id"))
+    .values(
+        due_at=bindparam("b_due"),
+        reason=bindparam("b_reason"),
+        deferrals=_t.c.deferrals + 1,
+        deferred_s=_t.c.deferred_s + bindparam("b_delay"),
+        updated_at=bindparam("b_now"),
+    )
+)
+_u = store.users
+_USER_FATIGUE = (
+    update(_u)
+    .where(_u.c.user_id == bindparam("b_user"))
+    .values(
+        fatigue=bindparam("b_fatigue"),
+        paused=bindparam("b_paused"),
+        unanswered=bindparam("b_unanswered"),
+        last_engaged_at=bindparam("b_engaged"),
+        updated_at=bindparam("b_now"),
+    )
+)
+
+
+async def dispatch_once(ctx: ServiceContext, *, batch: int = 1000) -> int:
+    """One transaction: claim up to `batch` due touches and decide each; returns how many."""
+    now = ctx.clock.now()
+    async with ctx.db.begin() as conn:
+        postgres = conn.dialect.name == "postgresql"
+        if postgres:
+            # A lock held by a stuck client must not stall dispatch for good.
+            await conn.execute(text(f"SET LOCAL lock_timeout = '{int(LOCK_TIMEOUT_S * 1000)}ms'"))
+        claim = (
+            select(*_CLAIM_COLUMNS)
+            .where(_t.c.status == "planned", _t.c.due_at <= now)
+            .order_by(_t.c.due_at)
+            .limit(batch)
+        )
+        if postgres:
+            claim = claim.with_for_update(skip_locked=True)
+        rows = list((await conn.execute(claim)).all())
+        if not rows:
+            return 0
+        user_ids = sorted({r.user_id for r in rows})
+        await lock_users(conn, user_ids)
+        rows += await _more_due(conn, user_ids, {r.touch_id for r in rows}, now, postgres)
+        promotions = await _promotions(ctx, conn, {r.promotion_id for r in rows})
+        users = await _users(conn, user_ids, now)
+        outcome = _Outcome(FastEncoder(ctx, now))
+        by_user: dict[str, list[Any]] = defaultdict(list)
+        for row in rows:
+            by_user[row.user_id].append(row)
+        for user_id, user_rows in by_user.items():
+            _decide(user_id, user_rows, users[user_id], promotions, outcome)
+        await outcome.write(ctx, conn)
+    ctx.outbox.notify()
+    return len(rows)
+
+
+async def _more_due(
+    conn: AsyncConnection, user_ids: list[str], claimed: set[str], now: datetime, postgres: bool
+) -> list[Any]:
+    """The users' other due touches, so that the priority decides among all of them."""
+    query = select(*_CLAIM_COLUMNS).where(
+        _among(conn, _t.c.user_id, user_ids), _t.c.status == "planned", _t.c.due_at <= now
+    )
+    if postgres:
+        query = query.with_for_update(skip_locked=True)
+    return [r for r in (await conn.execute(query)).all() if r.touch_id not in claimed]
+
+
+def _among(conn: AsyncConnection, column: Any, values: list[str]) -> Any:
+    """`column IN values`; on PostgreSQL `= ANY(array)`: one cached statement for any size."""
+    if conn.dialect.name == "postgresql":
+        return column == func.any(literal(values, ARRAY(String)))
+    return column.in_(values)
+
+
+class _Promotion:
+    __slots__ = ("cancelled", "ended_at", "name", "policy")
+
+    def __init__(self, name: str, ended_at: datetime, cancelled: bool, policy: Policy) -> None:
+        self.name = name
+        self.ended_at = ended_at
+        self.cancelled = cancelled
+        self.policy = policy
+
+
+async def _promotions(
+    ctx: ServiceContext, conn: AsyncConnection, ids: set[str]
+) -> dict[str, _Promotion]:
+    p = store.promotions
+    rows = (
+        await conn.execute(
+            select(
+                p.c.promotion_id, p.c.name, p.c.ended_at, p.c.status, p.c.policy, p.c.policy_version
+            ).where(p.c.promotion_id.in_(sorted(ids)))
+        )
+    ).all()
+    return {
+        r.promotion_id: _Promotion(
+            r.name,
+            r.ended_at,
+            r.status == "cancelled",
+            await policy_at(ctx, conn, r.policy, r.policy_version),
+        )
+        for r in rows
+    }
+
+
+async def _users(
+    conn: AsyncConnection, user_ids: list[str], now: datetime
+) -> dict[str, domain.UserView]:
+    u, c = store.users, store.contacts
+    views = {uid: domain.UserView() for uid in user_ids}
+    rows = (await conn.execute(select(u).where(_among(conn, u.c.user_id, user_ids)))).all()
+    for r in rows:
+        view = views[r.user_id]
+        view.timezone = r.timezone or "UTC"
+        view.consent = dict(r.consent or {})
+        view.erased = r.erased_at is not None
+        view.fatigue = fatigue_of(r)
+        view.first_seen = r.first_seen_at
+    contacts = await conn.execute(
+        select(c.c.user_id, c.c.at).where(
+            _among(conn, c.c.user_id, user_ids),
+            c.c.at > now - domain.MONTH,
+            c.c.status != "released",
+        )
+    )
+    for user_id, at in contacts.all():
+        views[user_id].history.append(at)
+    return views
+
+
+class _Outcome:
+    """Everything one dispatch transaction writes, gathered for bulk statements."""
+
+    def __init__(self, encoder: FastEncoder) -> None:
+        self.encoder = encoder
+        self.now = encoder.now
+        self.sent: list[dict[str, Any]] = []
+        self.suppressed: list[dict[str, Any]] = []
+        self.deferred: list[dict[str, Any]] = []
+        self.contacts: list[tuple[Any, ...]] = []
+        self.fatigue: list[dict[str, Any]] = []
+        self.history: list[dict[str, Any]] = []
+
+    async def write(self, ctx: ServiceContext, conn: AsyncConnection) -> None:
+        for statement, params in (
+            (_SENT, self.sent),
+            (_SUPPRESSED, self.suppressed),
+            (_DEFERRED, self.deferred),
+            (_USER_FATIGUE, self.fatigue),
+        ):
+            if params:
+                await conn.execute(statement, params)
+        await bulk_insert(conn, store.contacts, CONTACT_COLUMNS, self.contacts)
+        if self.history:
+            await conn.execute(store.fatigue_history.insert(), self.history)
+        await bulk_insert(conn, store.outbox, OUTBOX_COLUMNS, self.encoder.rows)
+
+
+def _decide(
+    user_id: str,
+    rows: list[Any],
+    user: domain.UserView,
+    promotions: dict[str, _Promotion],
+    out: _Outcome,
+) -> None:
+    now = out.now
+    before = user.fatigue
+    first = promotions.get(rows[0].promotion_id)
+    policy_fatigue = (first.policy if first else None) or next(
+        p.policy for p in promotions.values()
+    )
+    user.fatigue, changes = domain.on_time(
+        user.fatigue, now, user.first_seen, policy_fatigue.fatigue
+    )
+    by_id = {r.touch_id: r for r in rows}
+    due = [
+        domain.DueTouch(
+            touch_id=r.touch_id,
+            promotion_id=r.promotion_id,
+            wave=r.wave,
+            variant=r.variant or "",
+            due_at=r.due_at,
+            deadline=r.deadline or r.due_at,
+            parallel=r.parallel,
+            rank=r.rank,
+            essential=r.essential,
+            promotion_ended_at=promotions[r.promotion_id].ended_at
+            if r.promotion_id in promotions
+            else r.due_at,
+            channel_order=tuple(c for c in (r.channel_order or "").split(",") if c),  # type: ignore[misc]
+            cancelled=r.promotion_id not in promotions or promotions[r.promotion_id].cancelled,
+        )
+        for r in rows
+    ]
+
+    def policy_of(touch: domain.DueTouch) -> Policy:
+        promotion = promotions.get(touch.promotion_id)
+        return promotion.policy if promotion else policy_fatigue
+
+    for touch, decision in domain.decide_user(due, user, now, policy_of):
+        row = by_id[touch.touch_id]
+        promotion = promotions.get(touch.promotion_id)
+        common: dict[str, Any] = {
+            "touch_id": touch.touch_id,
+            "user_id": user_id,
+            "promotion_id": touch.promotion_id,
+            "wave": touch.wave,
+            "variant": row.variant,
+        }
+        if isinstance(decision, domain.Send):
+            assert promotion is not None
+            channels = list(decision.channels)
+            out.sent.append({"b_id": touch.touch_id, "b_channel": channels[0], "b_now": now})
+            out.contacts.append(
+                (touch.touch_id, user_id, now, touch.promotion_id, touch.wave, "reserved")
+            )
+            out.encoder.add(
+                DUE_TYPE,
+                user_id,
+                f"{touch.touch_id}.due",
+                _touch_due(common, row, channels, promotion, touch),
+            )
+        elif isinstance(decision, domain.Defer):
+            out.deferred.append(
+                {
+                    "b_id": touch.touch_id,
+                    "b_due": decision.until,
+                    "b_reason": decision.reason,
+                    "b_delay": (decision.until - row.due_at).total_seconds(),
+                    "b_now": now,
+                }
+            )
+        else:
+            out.suppressed.append(
+                {"b_id": touch.touch_id, "b_reason": decision.reason, "b_now": now}
+            )
+            out.encoder.add(
+                SUPPRESSED_TYPE,
+                user_id,
+                f"{touch.touch_id}.suppressed",
+                {**common, "channel": None, "reason": decision.reason, "at": out.encoder.time},
+            )
+    if user.fatigue != before:
+        after = user.fatigue
+        values = fatigue_values(replace(after))
+        out.fatigue.append(
+            {
+                "b_user": user_id,
+                "b_fatigue": values["fatigue"],
+                "b_paused": values["paused"],
+                "b_unanswered": values["unanswered"],
+                "b_engaged": values["last_engaged_at"],
+                "b_now": now,
+            }
+        )
+    out.history += [history_row(user_id, change) for change in changes]
+
+
+def _touch_due(
+    common: dict[str, Any],
+    row: Any,
+    channels: list[Any],
+    promotion: _Promotion,
+    touch: domain.DueTouch,
+) -> dict[str, Any]:
+    """The data of a touch.due event (the TouchDue schema; a unit test validates it)."""
+    wave = promotion.policy.wave(touch.wave)
+    templates = wave.content.get(touch.variant, {}) if wave else {}
+    variables = {
+        "promotion_id": touch.promotion_id,
+        "promotion_name": promotion.name or touch.promotion_id,
+        "wave": touch.wave,
+    }
+    if row.coupon:
+        variables["coupon_code"] = domain.coupon_code(
+            common["user_id"], touch.promotion_id, touch.wave
+        )
+    return {
+        **common,
+        "channel": channels[0],
+        "due_at": row.due_at.isoformat(),
+        "deadline": touch.deadline.isoformat(),
+        "channels": channels,
+        "parallel": min(touch.parallel, len(channels)),
+        "coupon": bool(row.coupon),
+        "content": {
+            c: {"subject": templates[c].subject, "body": templates[c].body}
+            for c in channels
+            if c in templates
+        },
+        "variables": variables,
+        "segment": row.segment,
+    }
+
+
+async def next_due(ctx: ServiceContext) -> datetime | None:
+    async with ctx.db.connect() as conn:
+        found: datetime | None = await conn.scalar(
+            select(func.min(_t.c.due_at)).where(and_(_t.c.status == "planned"))
+        )
+    return found
+
+
+async def run(ctx: ServiceContext, config: SchedulingSettings) -> None:
+    """Dispatch until cancelled: at once while there is work, else until the next due time,
+    a clock move, newly planned touches or `dispatch_idle_s`."""
+    shared = state(ctx)
+    wake = shared.wake
+    shared.running += 1
+    try:
+        await _loop(ctx, config, wake)
+    finally:
+        shared.running -= 1
+
+
+async def _loop(ctx: ServiceContext, config: SchedulingSettings, wake: asyncio.Event) -> None:
+    shared = state(ctx)
+    failures = 0
+    while not shared.stopping:
+        try:
+            wake.clear()
+            claimed = await _finish_even_if_cancelled(
+                dispatch_once(ctx, batch=config.dispatch_batch)
+            )
+            failures = 0
+            if claimed >= config.dispatch_batch:
+                continue
+            upcoming = await next_due(ctx)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            failures += 1
+            log.warning("dispatch failed; retrying", exc_info=True)
+            await asyncio.sleep(min(5.0, 0.05 * 2 ** min(failures, 10)))
+            continue
+        now = ctx.clock.now()
+        if upcoming is not None and upcoming <= now:
+            if claimed:
+                continue
+            # Due rows another dispatcher holds: look again shortly.
+            await asyncio.sleep(min(0.05, config.dispatch_idle_s))
+            continue
+        await _nap(ctx, wake, upcoming or now, config.dispatch_idle_s)
+
+
+async def _finish_even_if_cancelled(work: Coroutine[Any, Any, int]) -> int:
+    """Let a dispatch transaction end (commit or roll back) before a cancellation goes on:
+    a transaction cut in the middle could keep its per-user locks until the connection dies."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await asyncio.wait_for(task, timeout=LOCK_TIMEOUT_S * 2)
+        raise
+
+
+async def _nap(ctx: ServiceContext, wake: asyncio.Event, until: datetime, max_s: float) -> None:
+    sleeper = asyncio.ensure_future(ctx.clock.sleep_until(until, max_wait_s=max_s))
+    waker = asyncio.ensure_future(wake.wait())
+    try:
+        await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (sleeper, waker):
+            task.cancel()
+        for task in (sleeper, waker):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -1,0 +1,447 @@
+"""Scheduling's rules, pure: wave planning, quiet hours, rolling caps, deferral, priority,
+holdout and variant assignment, and the fatigue state machine. No I/O here.
+
+Times are aware UTC datetimes; a user's timezone is an IANA name resolved with zoneinfo,
+so half-hour offsets and daylight-saving changes come out right.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, time, timedelta, tzinfo
+from functools import lru_cache
+from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from services.scheduling.policy import WAVES, Fatigue, Policy, QuietHours, WaveSpec
+from shared.events import Channel, Reason
+
+WEEK = timedelta(days=7)
+MONTH = timedelta(days=30)
+CHANNELS: tuple[Channel, ...] = ("sms", "email", "push", "in_app", "social")
+WAVE_RANK = {name: i for i, name in enumerate(WAVES)}
+TOUCH_NAMESPACE = uuid.UUID("6f1b7a52-3c1e-4d8e-9a7e-1f0c2b9d4e11")
+
+
+def touch_id(promotion_id: str, user_id: str, wave: str) -> str:
+    """Deterministic, so a redelivered audience event plans the same touch again (a no-op)."""
+    return str(uuid.uuid5(TOUCH_NAMESPACE, f"{promotion_id}\x1f{user_id}\x1f{wave}"))
+
+
+# -- stable assignment ------------------------------------------------------------
+
+
+def unit(*parts: str) -> float:
+    """A number in [0, 1) that depends only on `parts`: the same in every process and run."""
+    digest = hashlib.blake2b("\x1f".join(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def in_holdout(policy: Policy, user_id: str, promotion_id: str) -> bool:
+    return unit("holdout", user_id, promotion_id) < policy.experiment.holdout_share
+
+
+def in_wave_holdout(policy: Policy, user_id: str, promotion_id: str, wave: str) -> bool:
+    return unit("wave-holdout", user_id, promotion_id, wave) < policy.experiment.wave_holdout_share
+
+
+def variant_of(policy: Policy, user_id: str, promotion_id: str, wave: str) -> str:
+    point = unit("variant", user_id, promotion_id, wave)
+    total = 0.0
+    for variant in policy.experiment.variants:
+        total += variant.share
+        if point < total:
+            return variant.name
+    return policy.experiment.variants[-1].name
+
+
+def coupon_code(user_id: str, promotion_id: str, wave: str) -> str:
+    digest = hashlib.blake2b(f"{user_id}\x1f{promotion_id}\x1f{wave}".encode(), digest_size=5)
+    return "AG-" + digest.hexdigest().upper()
+
+
+# -- time in the user's timezone --------------------------------------------------
+
+
+@lru_cache(maxsize=1024)
+def zone(name: str | None) -> tzinfo:
+    """The user's zone; an unknown or missing name falls back to UTC."""
+    if not name:
+        return UTC
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return UTC
+
+
+def _local_at(day: datetime, at: time, tz: tzinfo) -> datetime:
+    """`at` on the local calendar day of `day`, as UTC (zoneinfo resolves DST)."""
+    return datetime.combine(day.date(), at, tzinfo=tz).astimezone(UTC)
+
+
+def is_quiet(at: datetime, tz: tzinfo, quiet: QuietHours) -> bool:
+    if quiet.start == quiet.end:
+        return False
+    local = at.astimezone(tz).timetz().replace(tzinfo=None)
+    if quiet.start < quiet.end:
+        return quiet.start <= local < quiet.end
+    return local >= quiet.start or local < quiet.end
+
+
+def next_allowed(at: datetime, tz: tzinfo, quiet: QuietHours) -> datetime:
+    """`at` itself when it is outside quiet hours, else the moment they end locally."""
+    if not is_quiet(at, tz, quiet):
+        return at
+    local = at.astimezone(tz)
+    end_today = _local_at(local, quiet.end, tz)
+    candidate = end_today if end_today > at else _local_at(local + timedelta(days=1), quiet.end, tz)
+    # A DST gap can land the end inside the quiet span by an hour; step until it is not.
+    while is_quiet(candidate, tz, quiet):
+        candidate += timedelta(minutes=30)
+    return candidate
+
+
+# -- planning ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """One participant of an ended promotion, as planning needs it."""
+
+    user_id: str
+    promotion_id: str
+    ended_at: datetime
+    timezone: str = "UTC"
+    ltv_tier: str | None = None
+    value_layer: str | None = None
+    silent: bool = False
+    abuse_review: bool = False
+    channel_order: tuple[Channel, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedTouch:
+    touch_id: str
+    user_id: str
+    promotion_id: str
+    wave: str
+    variant: str
+    due_at: datetime
+    deadline: datetime
+    coupon: bool
+    parallel: int
+    rank: int
+    essential: bool
+    status: Literal["planned", "suppressed"]
+    reason: Reason | None = None
+
+
+def wave_due(member: Member, wave: WaveSpec, tz: tzinfo) -> datetime:
+    days = wave.after_days
+    if member.silent and wave.silent_after_days is not None:
+        days = wave.silent_after_days
+    if wave.local_time is None:
+        return member.ended_at + timedelta(days=days)
+    local_end = member.ended_at.astimezone(tz)
+    return _local_at(local_end + timedelta(days=days), wave.local_time, tz)
+
+
+def waves_for(policy: Policy, ltv_tier: str | None) -> list[WaveSpec]:
+    intensity = policy.intensity.get(ltv_tier or "")
+    if intensity is None:
+        return list(policy.waves)
+    wanted = set(intensity.waves)
+    return [w for w in policy.waves if w.name in wanted]
+
+
+def plan_member(policy: Policy, member: Member) -> list[PlannedTouch]:
+    """Every touch of one participant: due time in their zone, deadline, variant, holdout."""
+    tz = zone(member.timezone)
+    waves = waves_for(policy, member.ltv_tier)
+    intensity = policy.intensity.get(member.ltv_tier or "")
+    coupon_waves = set(intensity.coupon_waves) if intensity else set()
+    held_out = in_holdout(policy, member.user_id, member.promotion_id)
+    dues = [wave_due(member, w, tz) for w in waves]
+    rank = {name: i for i, name in enumerate(policy.wave_priority)}
+    touches = []
+    for i, wave in enumerate(waves):
+        due = dues[i]
+        deadline = member.ended_at + timedelta(hours=wave.deadline_hours)
+        if i + 1 < len(waves):
+            # Never later than the user's next wave of the same promotion.
+            deadline = min(deadline, dues[i + 1])
+        deadline = max(deadline, due)
+        coupon = wave.coupon or wave.name in coupon_waves
+        status: Literal["planned", "suppressed"] = "planned"
+        reason: Reason | None = None
+        if held_out or in_wave_holdout(policy, member.user_id, member.promotion_id, wave.name):
+            status, reason = "suppressed", "holdout"
+        elif coupon and member.abuse_review:
+            status, reason = "suppressed", "abuse"
+        parallel = 2 if member.value_layer in wave.pair_value_layers else 1
+        touches.append(
+            PlannedTouch(
+                touch_id=touch_id(member.promotion_id, member.user_id, wave.name),
+                user_id=member.user_id,
+                promotion_id=member.promotion_id,
+                wave=wave.name,
+                variant=variant_of(policy, member.user_id, member.promotion_id, wave.name),
+                due_at=due,
+                deadline=deadline,
+                coupon=coupon,
+                parallel=parallel,
+                rank=rank.get(wave.name, len(rank)),
+                essential=wave.essential,
+                status=status,
+                reason=reason,
+            )
+        )
+    return touches
+
+
+# -- caps -------------------------------------------------------------------------
+
+
+def _earliest_under(
+    history: Sequence[datetime], at: datetime, window: timedelta, cap: int
+) -> datetime:
+    """The earliest t >= at when fewer than `cap` of `history` fall in (t - window, t]."""
+    inside = sorted(s for s in history if at - window < s <= at)
+    if len(inside) < cap:
+        return at
+    # The (n - cap + 1)-th oldest has to leave the window: s <= t - window.
+    return inside[len(inside) - cap] + window
+
+
+def cap_reason(
+    history: Sequence[datetime], at: datetime, per_7d: int, per_30d: int
+) -> Reason | None:
+    """Which cap a touch at `at` would break, given the touches already sent."""
+    if sum(1 for s in history if at - WEEK < s <= at) >= per_7d:
+        return "cap_7d"
+    if sum(1 for s in history if at - MONTH < s <= at) >= per_30d:
+        return "cap_30d"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Slot:
+    """The earliest allowed moment from `at`, and what pushed it there."""
+
+    at: datetime
+    cap: Reason | None
+    quiet: bool
+
+
+def earliest_slot(history: Sequence[datetime], at: datetime, tz: tzinfo, policy: Policy) -> Slot:
+    caps, quiet = policy.caps, policy.quiet_hours
+    cap: Reason | None = None
+    was_quiet = False
+    t = at
+    for _ in range(64):
+        reason = cap_reason(history, t, caps.per_7d, caps.per_30d)
+        if reason is not None:
+            cap = cap or reason
+            t = max(
+                _earliest_under(history, t, WEEK, caps.per_7d),
+                _earliest_under(history, t, MONTH, caps.per_30d),
+            )
+            if t == at:  # defensive: never loop on the same instant
+                t = at + timedelta(seconds=1)
+            continue
+        allowed = next_allowed(t, tz, quiet)
+        if allowed != t:
+            was_quiet = True
+            t = allowed
+            continue
+        break
+    return Slot(t, cap, was_quiet)
+
+
+# -- fatigue state machine --------------------------------------------------------
+
+FatigueName = Literal["normal", "low_frequency", "suppressed"]
+
+
+@dataclass(frozen=True, slots=True)
+class FatigueState:
+    state: FatigueName = "normal"
+    paused: frozenset[Channel] = frozenset()
+    unanswered: int = 0
+    last_engaged_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FatigueChange:
+    at: datetime
+    signal: str
+    channel: Channel | None
+    from_state: str
+    to_state: str
+
+
+def _label(state: FatigueState) -> str:
+    if state.paused:
+        return f"{state.state}; paused: {','.join(sorted(state.paused))}"
+    return state.state
+
+
+def fire(
+    state: FatigueState, signal: str, channel: Channel | None, at: datetime, fatigue: Fatigue
+) -> tuple[FatigueState, FatigueChange | None]:
+    """Apply the policy's first transition that matches `signal` in the current state."""
+    for transition in fatigue.transitions:
+        if transition.signal != signal:
+            continue
+        if transition.from_states and state.state not in transition.from_states:
+            continue
+        if transition.to == "paused":
+            if channel is None or channel in state.paused:
+                return state, None
+            new = replace(state, paused=state.paused | {channel})
+        elif transition.to == state.state:
+            return state, None
+        else:
+            new = replace(state, state=transition.to)
+        return new, FatigueChange(at, signal, channel, _label(state), _label(new))
+    return state, None
+
+
+def on_engagement(
+    state: FatigueState, kind: str, channel: Channel | None, at: datetime, fatigue: Fatigue
+) -> tuple[FatigueState, FatigueChange | None]:
+    """A receipt: opens and clicks reset the ignored streak and the silence clock."""
+    if kind in ("opened", "clicked"):
+        last = state.last_engaged_at
+        state = replace(state, unanswered=0, last_engaged_at=at if last is None else max(last, at))
+    if kind in ("complained", "unsubscribed", "opened", "clicked"):
+        return fire(state, kind, channel, at, fatigue)
+    return state, None
+
+
+def on_time(
+    state: FatigueState, now: datetime, first_seen: datetime | None, fatigue: Fatigue
+) -> tuple[FatigueState, list[FatigueChange]]:
+    """The signals that time produces: an ignored streak, and silence."""
+    changes: list[FatigueChange] = []
+    if state.unanswered >= fatigue.ignored_streak:
+        state, change = fire(state, "ignored_streak", None, now, fatigue)
+        changes += [change] if change else []
+    quiet_since = state.last_engaged_at or first_seen
+    if quiet_since is not None and now - quiet_since >= timedelta(days=fatigue.silence_days):
+        state, change = fire(state, "silence", None, now, fatigue)
+        changes += [change] if change else []
+    return state, changes
+
+
+# -- dispatch decisions -----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DueTouch:
+    """A planned touch whose time has come, with what the decision needs."""
+
+    touch_id: str
+    promotion_id: str
+    wave: str
+    variant: str
+    due_at: datetime
+    deadline: datetime
+    parallel: int
+    rank: int
+    essential: bool
+    promotion_ended_at: datetime
+    channel_order: tuple[Channel, ...] = ()
+    cancelled: bool = False
+
+
+@dataclass(slots=True)
+class UserView:
+    """One user's state under the per-user lock."""
+
+    timezone: str = "UTC"
+    consent: dict[str, bool] = field(default_factory=dict)
+    erased: bool = False
+    fatigue: FatigueState = field(default_factory=FatigueState)
+    first_seen: datetime | None = None
+    history: list[datetime] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    channels: tuple[Channel, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Defer:
+    until: datetime
+    reason: Reason
+
+
+@dataclass(frozen=True, slots=True)
+class Suppress:
+    reason: Reason
+
+
+Decision = Send | Defer | Suppress
+
+
+def channels_for(
+    touch: DueTouch, wave: WaveSpec, user: UserView
+) -> tuple[tuple[Channel, ...], Reason | None]:
+    """The segment's order, then the wave's; only consented, unpaused channels with content."""
+    with_content = set(wave.content.get(touch.variant, {}))
+    order = [c for c in dict.fromkeys((*touch.channel_order, *wave.channels)) if c in with_content]
+    consented = [c for c in order if user.consent.get(c) is True]
+    allowed = [c for c in consented if c not in user.fatigue.paused]
+    if allowed:
+        return tuple(allowed), None
+    return (), ("unsubscribed" if consented else "no_consent")
+
+
+def decide_user(
+    touches: Iterable[DueTouch],
+    user: UserView,
+    now: datetime,
+    policy_of: Callable[[DueTouch], Policy],
+) -> list[tuple[DueTouch, Decision]]:
+    """Decide every due touch of one user, best priority first; sends join `user.history`.
+
+    Priority: the policy's wave order, then the promotion that ended first.
+    """
+    ordered = sorted(touches, key=lambda t: (t.rank, t.promotion_ended_at, t.due_at, t.touch_id))
+    tz = zone(user.timezone)
+    out: list[tuple[DueTouch, Decision]] = []
+    for touch in ordered:
+        policy = policy_of(touch)
+        out.append((touch, _decide(touch, user, now, policy, tz)))
+    return out
+
+
+def _decide(touch: DueTouch, user: UserView, now: datetime, policy: Policy, tz: tzinfo) -> Decision:
+    if touch.cancelled:
+        return Suppress("cancelled")
+    if user.erased:
+        return Suppress("erased")
+    if user.fatigue.state == "suppressed":
+        return Suppress("complained")
+    wave = policy.wave(touch.wave)
+    if wave is None:
+        return Suppress("cancelled")
+    if user.fatigue.state == "low_frequency" and not wave.essential:
+        return Suppress("fatigue")
+    channels, refused = channels_for(touch, wave, user)
+    if refused is not None:
+        return Suppress(refused)
+    slot = earliest_slot(user.history, now, tz, policy)
+    if slot.at <= now:
+        user.history.append(now)
+        user.fatigue = replace(user.fatigue, unanswered=user.fatigue.unanswered + 1)
+        return Send(channels)
+    reason: Reason = slot.cap or "quiet_hours"
+    if slot.at <= touch.deadline:
+        return Defer(slot.at, reason)
+    return Suppress(reason)
