@@ -1,57 +1,539 @@
-"""Delivery's event handlers.
+"""Delivery's event handlers and commands.
 
-The foundation's smoke flow records each due touch once and reports it sent;
-provider adapters, consent checks, retries and budgets replace it.
+A batch of `touch.due` events is delivered in rounds. Each round first commits
+what it is about to do - the channel of each call, its reserved cost, the
+coupon - and only then calls the providers, all at once (bounded by the
+runtime's semaphore); the next round's transaction settles the answers and
+records the fallbacks. A crash after a call and before its settlement leaves
+the touch in `sending`: the redelivered event repeats that very call with the
+same Idempotency-Key, and a touch once `sent` or `failed` is never called again.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select, update
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-from services.delivery import store
-from shared.db import insert_ignore
-from shared.events import DeliverySent, Event, TouchDue
+from services.delivery import domain, store
+from services.delivery.domain import Contact, Fail, Ledger, Send
+from services.delivery.providers.base import OutboundMessage
+from services.delivery.providers.client import Outcome
+from services.delivery.runtime import DeliveryRuntime
+from shared.db import insert_ignore, upsert
+from shared.events import (
+    DeliveryBounced,
+    DeliveryFailed,
+    DeliverySent,
+    EngagementRecorded,
+    Event,
+    EventData,
+    TouchDue,
+    UserErased,
+    UserUpdated,
+)
+from shared.logs import mask_value
 from shared.service import ServiceContext
 
+log = logging.getLogger(__name__)
 
-async def on_touch_due(ctx: ServiceContext, event: Event[Any]) -> None:
-    due: TouchDue = event.data
-    channel = due.channel or (due.channels[0] if due.channels else None)
-    now = ctx.clock.now()
+ReceiptKind = Literal["delivered", "opened", "clicked", "bounced", "complained", "unsubscribed"]
+
+
+# -- users ----------------------------------------------------------------------
+
+
+async def on_user_updated(ctx: ServiceContext, event: Event[Any]) -> None:
+    user: UserUpdated = event.data
+    c = store.contacts
+    insert = postgresql.insert(c)
+    stmt = insert.on_conflict_do_update(
+        index_elements=["user_id"],
+        set_={name: insert.excluded[name] for name in ("addresses", "consent", "updated_at")},
+        # An erased user stays erased: a late update must not bring the addresses back.
+        where=c.c.erased.is_(False),
+    )
     async with ctx.db.begin() as conn:
-        result = await conn.execute(
-            insert_ignore(store.deliveries),
+        await conn.execute(
+            stmt,
             {
-                "touch_id": due.touch_id,
-                "user_id": due.user_id,
-                "promotion_id": due.promotion_id,
-                "wave": due.wave,
-                "channel": channel,
-                "status": "sent",
-                "attempts": 1,
-                "updated_at": now,
+                "user_id": user.user_id,
+                "addresses": dict(user.addresses),
+                "consent": dict(user.consent),
+                "erased": False,
+                "updated_at": ctx.clock.now(),
             },
         )
-        if result.rowcount != 1:
-            return
-        await ctx.outbox.add(
-            conn,
-            [
-                DeliverySent(
-                    touch_id=due.touch_id,
-                    user_id=due.user_id,
-                    promotion_id=due.promotion_id,
-                    wave=due.wave,
-                    channel=channel,
-                    variant=due.variant,
-                    at=now,
-                )
-            ],
-            now=now,
+
+
+async def on_user_erased(ctx: ServiceContext, rt: DeliveryRuntime, event: Event[Any]) -> None:
+    erased: UserErased = event.data
+    rt.erased.add(erased.user_id)
+    async with ctx.db.begin() as conn:
+        await conn.execute(
+            upsert(store.contacts, ["user_id"]),
+            {
+                "user_id": erased.user_id,
+                "addresses": {},
+                "consent": {},
+                "erased": True,
+                "updated_at": ctx.clock.now(),
+            },
         )
+    log.info("contact erased", extra={"user_id": erased.user_id})
+
+
+async def load_contacts(conn: AsyncConnection, user_ids: Iterable[str]) -> dict[str, Contact]:
+    c = store.contacts
+    rows = (await conn.execute(select(c).where(c.c.user_id.in_(set(user_ids))))).all()
+    return {
+        r.user_id: Contact(r.user_id, dict(r.addresses), dict(r.consent), bool(r.erased))
+        for r in rows
+    }
+
+
+# -- touches --------------------------------------------------------------------
+
+
+@dataclass
+class Work:
+    """One touch on its way through the rounds of a batch."""
+
+    due: TouchDue
+    contact: Contact | None
+    row_exists: bool
+    coupon: str | None = None
+    tried: list[str] = field(default_factory=list)
+    attempts: int = 0
+    channel: str | None = None
+    cost: float = 0.0
+    # A call recorded by an earlier process that may have gone out: repeat it first.
+    resume: bool = False
+    message: OutboundMessage | None = None
+    outcome: Outcome | None = None
+
+
+@dataclass
+class Round:
+    """What one transaction writes."""
+
+    inserts: list[dict[str, Any]] = field(default_factory=list)
+    updates: list[dict[str, Any]] = field(default_factory=list)
+    events: list[EventData] = field(default_factory=list)
+    sent: dict[tuple[str, str], int] = field(default_factory=dict)
+    accepted: dict[str, int] = field(default_factory=dict)
+    failed: dict[str, int] = field(default_factory=dict)
+
+
+async def on_touches_due(
+    ctx: ServiceContext, rt: DeliveryRuntime, events: Sequence[Event[Any]]
+) -> None:
+    """Deliver a batch of due touches: settle each one as sent or failed, exactly once."""
+    unique: dict[str, TouchDue] = {}
+    for event in events:
+        unique.setdefault(event.data.touch_id, event.data)
+    dues = list(unique.values())
+    d = store.deliveries
+    async with ctx.db.connect() as conn:
+        rows = {
+            r.touch_id: r
+            for r in (
+                await conn.execute(select(d).where(d.c.touch_id.in_([t.touch_id for t in dues])))
+            ).all()
+        }
+        contacts = await load_contacts(conn, (t.user_id for t in dues))
+    pending: list[Work] = []
+    for due in dues:
+        row = rows.get(due.touch_id)
+        if row is not None and row.status != "sending":
+            continue  # settled before: a redelivery never calls again
+        work = Work(due, contacts.get(due.user_id), row_exists=row is not None)
+        if row is not None:
+            work.coupon = row.coupon_code
+            work.tried = list(row.tried or [])
+            work.attempts = row.attempts
+            work.channel = row.channel
+            work.cost = row.cost or 0.0
+            work.resume = row.channel is not None
+        pending.append(work)
+    in_flight: list[Work] = []
+    while pending or in_flight:
+        to_call = await _round(ctx, rt, settle=in_flight, decide=pending)
+        pending = []
+        if not to_call:
+            break
+        outcomes = await asyncio.gather(*(_call(rt, w) for w in to_call))
+        for work, outcome in zip(to_call, outcomes, strict=True):
+            work.outcome = outcome
+        in_flight = to_call
+
+
+async def _call(rt: DeliveryRuntime, work: Work) -> Outcome:
+    assert work.message is not None and work.channel is not None
+    user_id = work.due.user_id
+    return await rt.providers[work.channel].deliver(
+        work.message, keep_going=lambda: user_id not in rt.erased
+    )
+
+
+async def _round(
+    ctx: ServiceContext, rt: DeliveryRuntime, *, settle: list[Work], decide: list[Work]
+) -> list[Work]:
+    """One transaction: settle the answers of the last calls, decide and record the next."""
+    now = ctx.clock.now()
+    todo = Round()
+    decide = list(decide)
+    for work in settle:
+        if _settle(rt, work, todo, now):
+            decide.append(work)
+    to_call: list[Work] = []
+    async with ctx.db.begin() as conn:
+        erased = await _erased_now(conn, rt, (w.due.user_id for w in decide))
+        ledger = await _lock_ledger(conn, rt, settle + decide)
+        for work in settle:
+            if work.outcome is not None and not work.outcome.accepted and work.cost:
+                ledger.refund(work.due.promotion_id, work.tried[-1], work.cost)
+                work.cost = 0.0
+        for work in decide:
+            if work.due.user_id in erased:
+                _fail(rt, work, todo, now, "erased", "the user was erased")
+                continue
+            if _decide(rt, work, ledger, todo, now):
+                to_call.append(work)
+        await _write(conn, ledger, todo)
+        await ctx.outbox.add(conn, todo.events, now=now)
+    if todo.events:
+        ctx.outbox.notify()
+    return to_call
+
+
+def _settle(rt: DeliveryRuntime, work: Work, todo: Round, now: datetime) -> bool:
+    """Record one call's answer; True when the touch needs another channel."""
+    outcome = work.outcome
+    assert outcome is not None and work.channel is not None
+    work.attempts += outcome.calls
+    channel = work.channel
+    if outcome.accepted:
+        todo.accepted[channel] = todo.accepted.get(channel, 0) + 1
+        key = (work.due.promotion_id, channel)
+        todo.sent[key] = todo.sent.get(key, 0) + 1
+        todo.updates.append(
+            _row(work, now, status="sent", provider_message_id=outcome.provider_message_id)
+        )
+        todo.events.append(
+            DeliverySent(
+                **_touch_fields(work.due),
+                channel=channel,
+                at=now,
+                cost=work.cost,
+                provider_message_id=outcome.provider_message_id,
+                attempts=work.attempts,
+            )
+        )
+        rt.metrics.outcomes.labels(channel, "sent", "").inc()
+        return False
+    if outcome.calls:
+        todo.failed[channel] = todo.failed.get(channel, 0) + 1
+    work.tried.append(channel)
+    work.resume = False
+    if outcome.verdict == "stopped":
+        work.channel = None
+        return True  # the next decision sees the erasure
+    log.warning(
+        "provider did not accept a touch; falling back",
+        extra={
+            "channel": channel,
+            "touch_id": work.due.touch_id,
+            "verdict": outcome.verdict,
+            "error": outcome.error,
+        },
+    )
+    return True
+
+
+def _decide(rt: DeliveryRuntime, work: Work, ledger: Ledger, todo: Round, now: datetime) -> bool:
+    """Choose, render and record the next call of a touch; True when there is one to make."""
+    due = work.due
+    if work.resume and work.channel is not None:
+        reason = domain.unavailable_reason(work.contact, work.channel, rt.terms)
+        if reason is None and work.channel in due.content:
+            # Recorded (and charged) by an earlier process: repeat the same call.
+            return _prepare(rt, work, todo, now, record=False)
+        if work.cost:
+            ledger.refund(due.promotion_id, work.channel, work.cost)
+            work.cost = 0.0
+        work.resume = False
+    choice = domain.choose_channel(due, work.contact, rt.terms, ledger, work.tried)
+    if isinstance(choice, Fail):
+        _fail(rt, work, todo, now, choice.reason, choice.detail)
+        return False
+    assert isinstance(choice, Send)
+    work.channel = choice.channel
+    if due.coupon and work.coupon is None:
+        work.coupon = domain.new_coupon_code()
+    cost = work.cost = ledger.charge(due.promotion_id, choice.channel)
+    if not _prepare(rt, work, todo, now, record=True):
+        ledger.refund(due.promotion_id, choice.channel, cost)
+        return False
+    return True
+
+
+def _prepare(rt: DeliveryRuntime, work: Work, todo: Round, now: datetime, *, record: bool) -> bool:
+    due, channel, contact = work.due, work.channel, work.contact
+    assert channel is not None and contact is not None
+    try:
+        rendered = domain.render(
+            due.content[channel],  # type: ignore[index]
+            domain.template_variables(due, work.coupon),
+        )
+    except domain.TemplateError as exc:
+        _fail(rt, work, todo, now, domain.TEMPLATE, f"{channel}: {exc}")
+        return False
+    work.message = OutboundMessage(
+        id=due.touch_id,
+        channel=channel,
+        to=contact.addresses[channel],
+        user_id=due.user_id,
+        promotion_id=due.promotion_id,
+        wave=due.wave,
+        variant=due.variant,
+        subject=rendered.subject,
+        body=rendered.body,
+    )
+    if record:
+        if work.row_exists:
+            todo.updates.append(_row(work, now, status="sending"))
+        else:
+            todo.inserts.append(_new_row(work, now, status="sending"))
+            work.row_exists = True
+    return True
+
+
+def _fail(
+    rt: DeliveryRuntime, work: Work, todo: Round, now: datetime, reason: str, detail: str
+) -> None:
+    channel = work.tried[-1] if work.tried else work.channel
+    work.channel = channel
+    work.cost = 0.0
+    if work.row_exists:
+        todo.updates.append(_row(work, now, status="failed", reason=reason, detail=detail))
+    else:
+        todo.inserts.append(_new_row(work, now, status="failed", reason=reason, detail=detail))
+        work.row_exists = True
+    todo.events.append(
+        DeliveryFailed(
+            **_touch_fields(work.due),
+            channel=channel,
+            at=now,
+            reason=reason,
+        )
+    )
+    rt.metrics.outcomes.labels(channel or "", "failed", reason).inc()
+    log.info(
+        "touch failed",
+        extra={"touch_id": work.due.touch_id, "reason": reason, "detail": mask_value(detail)},
+    )
+
+
+def _touch_fields(due: TouchDue) -> dict[str, Any]:
+    return {
+        "touch_id": due.touch_id,
+        "user_id": due.user_id,
+        "promotion_id": due.promotion_id,
+        "wave": due.wave,
+        "variant": due.variant,
+    }
+
+
+def _new_row(work: Work, now: datetime, **values: Any) -> dict[str, Any]:
+    due = work.due
+    return {
+        "touch_id": due.touch_id,
+        "user_id": due.user_id,
+        "promotion_id": due.promotion_id,
+        "wave": due.wave,
+        "variant": due.variant,
+        "channel": work.channel,
+        "status": values.get("status"),
+        "attempts": work.attempts,
+        "reason": values.get("reason"),
+        "detail": (values.get("detail") or "")[:500] or None,
+        "cost": work.cost,
+        "provider_message_id": None,
+        "coupon_code": work.coupon,
+        "tried": list(work.tried),
+        "due_at": due.due_at,
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
+def _row(work: Work, now: datetime, **values: Any) -> dict[str, Any]:
+    """The columns an update writes (bound as `b_<column>`)."""
+    return {
+        "b_touch_id": work.due.touch_id,
+        "channel": work.channel,
+        "status": values["status"],
+        "attempts": work.attempts,
+        "reason": values.get("reason"),
+        "detail": (values.get("detail") or "")[:500] or None,
+        "cost": work.cost,
+        "provider_message_id": values.get("provider_message_id"),
+        "coupon_code": work.coupon,
+        "tried": list(work.tried),
+        "updated_at": now,
+    }
+
+
+_UPDATE_COLUMNS = (
+    "channel",
+    "status",
+    "attempts",
+    "reason",
+    "detail",
+    "cost",
+    "provider_message_id",
+    "coupon_code",
+    "tried",
+    "updated_at",
+)
+
+
+async def _erased_now(conn: AsyncConnection, rt: DeliveryRuntime, users: Iterable[str]) -> set[str]:
+    """Erased users among `users`: this process's knowledge and the table's (other replicas)."""
+    wanted = set(users)
+    if not wanted:
+        return set()
+    c = store.contacts
+    rows = await conn.execute(
+        select(c.c.user_id).where(c.c.user_id.in_(wanted)).where(c.c.erased.is_(True))
+    )
+    return {r.user_id for r in rows} | (wanted & rt.erased)
+
+
+async def _lock_ledger(conn: AsyncConnection, rt: DeliveryRuntime, works: list[Work]) -> Ledger:
+    """Spend of every (promotion, channel) the batch may touch, locked until commit."""
+    promotions = sorted({w.due.promotion_id for w in works})
+    if not promotions:
+        return Ledger({}, rt.terms)
+    s = store.spend
+    keys = [(p, c) for p in promotions for c in sorted(rt.terms)]
+    await conn.execute(
+        insert_ignore(s),
+        [{"promotion_id": p, "channel": c, "spent": 0.0, "sent": 0} for p, c in keys],
+    )
+    rows = await conn.execute(
+        select(s.c.promotion_id, s.c.channel, s.c.spent)
+        .where(s.c.promotion_id.in_(promotions))
+        .order_by(s.c.promotion_id, s.c.channel)
+        .with_for_update()
+    )
+    return Ledger({(r.promotion_id, r.channel): float(r.spent) for r in rows}, rt.terms)
+
+
+async def _write(conn: AsyncConnection, ledger: Ledger, todo: Round) -> None:
+    d = store.deliveries
+    if todo.inserts:
+        await conn.execute(d.insert(), todo.inserts)
+    if todo.updates:
+        await conn.execute(
+            update(d)
+            .where(d.c.touch_id == bindparam("b_touch_id"))
+            .values({name: bindparam(name) for name in _UPDATE_COLUMNS}),
+            todo.updates,
+        )
+    s = store.spend
+    changed = sorted(ledger.changed | set(todo.sent))
+    if changed:
+        await conn.execute(
+            update(s)
+            .where(s.c.promotion_id == bindparam("b_promotion_id"))
+            .where(s.c.channel == bindparam("b_channel"))
+            .values(spent=bindparam("b_spent"), sent=s.c.sent + bindparam("b_sent")),
+            [
+                {
+                    "b_promotion_id": p,
+                    "b_channel": c,
+                    "b_spent": ledger.spent.get((p, c), 0.0),
+                    "b_sent": todo.sent.get((p, c), 0),
+                }
+                for p, c in changed
+            ],
+        )
+    stats = store.channel_stats
+    for channel in sorted(set(todo.accepted) | set(todo.failed)):
+        accepted, failed = todo.accepted.get(channel, 0), todo.failed.get(channel, 0)
+        stmt = upsert(
+            stats,
+            ["channel"],
+            {"accepted": stats.c.accepted + accepted, "failed": stats.c.failed + failed},
+        )
+        await conn.execute(stmt, {"channel": channel, "accepted": accepted, "failed": failed})
+
+
+# -- receipts -------------------------------------------------------------------
+
+
+class UnknownTouch(LookupError):
+    pass
+
+
+async def record_receipt(
+    ctx: ServiceContext, touch_id: str, kind: ReceiptKind, at: datetime
+) -> bool:
+    """Turn a provider receipt into an engagement; False when it was recorded before."""
+    d = store.deliveries
+    now = ctx.clock.now()
+    async with ctx.db.begin() as conn:
+        row = (await conn.execute(select(d).where(d.c.touch_id == touch_id))).first()
+        if row is None:
+            raise UnknownTouch(touch_id)
+        inserted = await conn.execute(
+            insert_ignore(store.receipts),
+            {"touch_id": touch_id, "kind": kind, "at": at, "received_at": now},
+        )
+        if inserted.rowcount != 1:
+            return False
+        common: dict[str, Any] = {
+            "touch_id": row.touch_id,
+            "user_id": row.user_id,
+            "promotion_id": row.promotion_id,
+            "wave": row.wave,
+            "channel": row.channel,
+            "variant": row.variant,
+        }
+        events: list[EventData] = [EngagementRecorded(**common, kind=kind, at=at)]
+        if kind == "bounced":
+            events.append(DeliveryBounced(**common, at=at, cost=row.cost or 0.0))
+        if kind in ("unsubscribed", "complained") and row.channel:
+            await _withdraw_consent(conn, row.user_id, row.channel, now)
+        await ctx.outbox.add(conn, events, now=now)
     ctx.outbox.notify()
+    return True
+
+
+async def _withdraw_consent(
+    conn: AsyncConnection, user_id: str, channel: str, now: datetime
+) -> None:
+    """Stop this channel at once; segmentation's next `user.updated` carries it too."""
+    c = store.contacts
+    row = (await conn.execute(select(c).where(c.c.user_id == user_id))).first()
+    if row is None or row.erased:
+        return
+    consent = {**dict(row.consent), channel: False}
+    await conn.execute(
+        update(c).where(c.c.user_id == user_id).values(consent=consent, updated_at=now)
+    )
+
+
+# -- queries --------------------------------------------------------------------
 
 
 async def user_deliveries(ctx: ServiceContext, user_id: str) -> list[dict[str, Any]]:
@@ -66,9 +548,57 @@ async def user_deliveries(ctx: ServiceContext, user_id: str) -> list[dict[str, A
             "promotion_id": r.promotion_id,
             "wave": r.wave,
             "channel": r.channel,
+            "variant": r.variant,
             "status": r.status,
+            "reason": r.reason,
             "attempts": r.attempts,
+            "cost": r.cost or 0.0,
+            "provider_message_id": r.provider_message_id,
+            "coupon_code": r.coupon_code,
+            "tried": list(r.tried or []),
             "at": r.updated_at,
         }
         for r in rows
     ]
+
+
+async def channel_report(
+    ctx: ServiceContext, rt: DeliveryRuntime, promotion_id: str | None
+) -> list[dict[str, Any]]:
+    s, st = store.spend, store.channel_stats
+    async with ctx.db.connect() as conn:
+        query = select(s.c.channel, s.c.spent, s.c.sent)
+        if promotion_id is not None:
+            query = query.where(s.c.promotion_id == promotion_id)
+        spend: dict[str, list[float]] = {}
+        for r in (await conn.execute(query)).all():
+            entry = spend.setdefault(r.channel, [0.0, 0])
+            entry[0] += float(r.spent)
+            entry[1] += int(r.sent)
+        stats = {r.channel: r for r in (await conn.execute(select(st))).all()}
+    report = []
+    for name, provider in rt.providers.items():
+        config = rt.config.channel(name)
+        spent, sent = spend.get(name, [0.0, 0])
+        row = stats.get(name)
+        total = (row.accepted + row.failed) if row is not None else 0
+        budget = config.budget_per_promotion
+        report.append(
+            {
+                "channel": name,
+                "adapter": config.adapter,
+                "configured": provider.configured,
+                "cost": rt.terms[name].cost,
+                "budget_per_promotion": budget,
+                "reserve_share": config.reserve_share,
+                "spend": round(spent, 6),
+                "sent": int(sent),
+                "remaining": (
+                    None if budget is None or promotion_id is None else round(budget - spent, 6)
+                ),
+                "success_rate": (row.accepted / total) if row is not None and total else None,
+                "circuit": provider.state().value,
+                "rate_per_s": config.rate_per_s,
+            }
+        )
+    return report

@@ -1,0 +1,231 @@
+"""Delivery throughput: touches delivered per second to a loopback provider.
+
+    .venv/bin/python -m benchmarks.delivery             # 20 ms provider, then 10% 5xx
+    .venv/bin/python -m benchmarks.delivery --touches 50000 --database-url postgresql+asyncpg://...
+    make bench-delivery BENCH_ARGS="--touches 50000"
+
+The provider is the sandbox (`services/sandbox.py`) in its own process, answering
+after `--latency-ms`. The delivery service runs here with its lifespan, on the
+in-process bus (or Kafka with `--kafka`) and SQLite (or `--database-url`).
+Touches are published as `touch.due` events (all at once, or paced with
+`--offered` per second); the rate is touches accepted by the provider per
+second from the first publish to the last acceptance; the latency is from a
+touch's publish to its acceptance, as the provider saw it. Duplicates are
+Idempotency-Keys the provider was asked to accept again after accepting them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from services.delivery import store
+from services.delivery.app import make_spec
+from services.delivery.config import ChannelConfig, DeliveryConfig
+from shared.bus import OutMessage
+from shared.bus.memory import InProcessBus
+from shared.db import insert_ignore
+from shared.events import MessageContent, TouchDue, encode
+from shared.settings import Settings
+
+NOW = datetime(2026, 3, 8, 12, 0, tzinfo=UTC)
+
+
+@contextlib.contextmanager
+def sandbox(latency_ms: float, fail_share: float) -> Any:
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "services.sandbox",
+            "--latency-ms",
+            str(latency_ms),
+            "--fail-share",
+            str(fail_share),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    try:
+        assert process.stdout is not None
+        url = process.stdout.readline().strip()
+        if not url.startswith("http"):
+            raise RuntimeError("the sandbox provider did not start")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+@contextlib.asynccontextmanager
+async def service(
+    settings: Settings, config: DeliveryConfig, kafka: bool
+) -> AsyncIterator[tuple[Any, InProcessBus | None]]:
+    bus = None if kafka else InProcessBus(partitions=settings.kafka_partitions)
+    if bus is not None:
+        await bus.start()
+    app = make_spec(config).create_app(settings, bus=bus)
+    try:
+        async with app.router.lifespan_context(app):
+            yield app.state.ctx, bus
+    finally:
+        if bus is not None:
+            await bus.stop()
+
+
+async def run(
+    args: argparse.Namespace, fail_share: float, workdir: Path, label: str
+) -> dict[str, Any]:
+    database_url = args.database_url or f"sqlite+aiosqlite:///{workdir / f'{label}.db'}"
+    prefix = f"bench{int(time.time())}{label}."
+    settings = Settings(
+        database_url=database_url,
+        kafka_bootstrap_servers=args.kafka,
+        topic_prefix=prefix,
+        kafka_partitions=args.partitions,
+        outbox_poll_s=0.05,
+        log_level="ERROR",
+    )
+    with sandbox(args.latency_ms, fail_share) as url:
+        config = DeliveryConfig(
+            channels={
+                "push": ChannelConfig(
+                    base_url=url,
+                    rate_per_s=1e6,
+                    burst=100000,
+                    max_attempts=8,
+                    backoff_base_s=0.02,
+                    backoff_max_s=0.2,
+                    max_connections=args.connections,
+                    circuit_failures=50,
+                )
+            },
+            concurrency=args.connections,
+        )
+        async with service(settings, config, bool(args.kafka)) as (ctx, _bus):
+            users = [f"u-{i:07d}" for i in range(args.touches)]
+            async with ctx.db.begin() as conn:
+                rows = [
+                    {
+                        "user_id": u,
+                        "addresses": {"push": f"device-{u}"},
+                        "consent": {"push": True},
+                        "erased": False,
+                        "updated_at": NOW,
+                    }
+                    for u in users
+                ]
+                for start in range(0, len(rows), 5000):
+                    await conn.execute(insert_ignore(store.contacts), rows[start : start + 5000])
+            content = {"push": MessageContent(subject="Thanks", body="Hi ${name}")}
+            messages = [
+                OutMessage(
+                    settings.topic("touches"),
+                    u,
+                    encode(
+                        TouchDue(
+                            touch_id=f"{prefix}{label}-{i}",
+                            user_id=u,
+                            promotion_id="bench",
+                            wave="day3",
+                            due_at=NOW,
+                            channels=["push"],
+                            content=content,  # type: ignore[arg-type]
+                            variables={"name": "Ann"},
+                        ),
+                        source="bench",
+                        time=NOW,
+                    ),
+                )
+                for i, u in enumerate(users)
+            ]
+            published: dict[str, float] = {}
+            started = time.time()
+            chunk = 5000 if not args.offered else max(1, int(args.offered / 100))
+            for start in range(0, len(messages), chunk):
+                part = messages[start : start + chunk]
+                now = time.time()
+                for i in range(start, start + len(part)):
+                    published[f"{prefix}{label}-{i}"] = now
+                await ctx.bus.publish(part)
+                if args.offered:
+                    await asyncio.sleep(
+                        max(0.0, started + (start + chunk) / args.offered - time.time())
+                    )
+            async with httpx.AsyncClient(base_url=url) as client:
+                while True:
+                    stats = (await client.get("/_stats")).json()
+                    if stats["accepted"] >= args.touches or time.time() - started > args.timeout:
+                        break
+                    await asyncio.sleep(0.05)
+                accepted: dict[str, float] = (await client.get("/_accepted")).json()
+                # Let the last outcomes settle, then see that nothing is sent twice on redelivery.
+                await asyncio.sleep(0.5)
+                stats = (await client.get("/_stats")).json()
+    latencies = sorted((at - published[k]) * 1000 for k, at in accepted.items() if k in published)
+    elapsed = max(accepted.values()) - started if accepted else float("nan")
+    return {
+        "label": label,
+        "fail_share": fail_share,
+        "touches": args.touches,
+        "accepted": len(accepted),
+        "rate": len(accepted) / elapsed if accepted else 0.0,
+        "p50_ms": statistics.median(latencies) if latencies else float("nan"),
+        "p99_ms": latencies[int(len(latencies) * 0.99) - 1] if latencies else float("nan"),
+        "provider_calls": stats["calls"],
+        "provider_5xx": stats["failed"],
+        "duplicates": stats["duplicates"],
+    }
+
+
+def report(result: dict[str, Any]) -> None:
+    print(
+        f"{result['label']:<10} 5xx {result['fail_share']:>4.0%}  "
+        f"{result['accepted']:>7}/{result['touches']} accepted  "
+        f"{result['rate']:>8.0f} touches/s  p50 {result['p50_ms']:>7.1f} ms  "
+        f"p99 {result['p99_ms']:>7.1f} ms  calls {result['provider_calls']}  "
+        f"(5xx {result['provider_5xx']})  duplicates {result['duplicates']}",
+        flush=True,
+    )
+
+
+async def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--touches", type=int, default=20000)
+    parser.add_argument("--latency-ms", type=float, default=20.0)
+    parser.add_argument("--fail-share", type=float, default=0.10)
+    parser.add_argument("--offered", type=float, default=0.0, help="touches/s to publish; 0: all")
+    parser.add_argument("--connections", type=int, default=256)
+    parser.add_argument("--partitions", type=int, default=8)
+    parser.add_argument("--database-url", default=None)
+    parser.add_argument("--kafka", default=None, help="bootstrap servers; default in-process bus")
+    parser.add_argument("--timeout", type=float, default=300.0)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        results = []
+        for label, share in (("clean", 0.0), ("5xx", args.fail_share)):
+            result = await run(args, share, Path(tmp), label)
+            report(result)
+            results.append(result)
+    clean, noisy = results
+    loss = 1 - noisy["rate"] / clean["rate"] if clean["rate"] else float("nan")
+    print(f"rate lost with {args.fail_share:.0%} 5xx: {loss:.1%}")
+    ok = all(r["duplicates"] == 0 and r["accepted"] == r["touches"] for r in results)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))

@@ -1,0 +1,158 @@
+"""One channel's provider: its pooled client, rate limit, circuit breaker and retries."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import httpx
+
+from services.delivery.config import ChannelConfig
+from services.delivery.domain import retry_delay
+from services.delivery.providers.adapters import ADAPTERS
+from services.delivery.providers.base import Adapter, OutboundMessage, retry_after_seconds
+from services.delivery.providers.fast import FastTransport
+from services.delivery.providers.resilience import CircuitBreaker, CircuitState, TokenBucket
+
+log = logging.getLogger(__name__)
+
+# accepted: 2xx. rejected: another 4xx, final for this channel. failed: retries ran out
+# (429, 5xx, timeouts, dropped connections). circuit_open: not called at all.
+# stopped: the caller withdrew the touch (erased) between tries.
+Verdict = Literal["accepted", "rejected", "failed", "circuit_open", "stopped"]
+CallObserver = Callable[[str, str, float], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    verdict: Verdict
+    calls: int
+    provider_message_id: str | None = None
+    status: int | None = None
+    error: str = ""
+
+    @property
+    def accepted(self) -> bool:
+        return self.verdict == "accepted"
+
+
+def _no_observer(channel: str, outcome: str, seconds: float) -> None:
+    return None
+
+
+class ProviderClient:
+    def __init__(
+        self,
+        channel: str,
+        config: ChannelConfig,
+        *,
+        semaphore: asyncio.Semaphore,
+        observe: CallObserver = _no_observer,
+    ) -> None:
+        self.channel = channel
+        self.config = config
+        self.adapter: Adapter = ADAPTERS[config.adapter]
+        self.base_url = config.base_url or self.adapter.default_base_url
+        self.circuit = CircuitBreaker(config.circuit_failures, config.circuit_reset_s)
+        self.bucket = TokenBucket(config.rate_per_s, config.burst)
+        self.semaphore = semaphore
+        self.observe = observe
+        self._client: httpx.AsyncClient | None = None
+
+    @property
+    def configured(self) -> bool:
+        return self.base_url is not None
+
+    def open(self) -> None:
+        if self._client is not None or self.base_url is None:
+            return
+        token = self.config.token.get_secret_value() if self.config.token else None
+        self._client = httpx.AsyncClient(
+            base_url=self.base_url,
+            transport=FastTransport(self.config.max_connections),
+            timeout=httpx.Timeout(self.config.timeout_s, connect=self.config.connect_timeout_s),
+            headers=self.adapter.auth_headers(self.config.account, token),
+            follow_redirects=False,
+        )
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    async def deliver(
+        self, message: OutboundMessage, *, keep_going: Callable[[], bool] = lambda: True
+    ) -> Outcome:
+        """Call until accepted, rejected, or out of tries; always with the same Idempotency-Key."""
+        client = self._client
+        if client is None:
+            return Outcome("failed", 0, error="provider not configured or not open")
+        last = Outcome("failed", 0, error="not called")
+        for attempt in range(1, self.config.max_attempts + 1):
+            if not keep_going():
+                return Outcome("stopped", attempt - 1, error="withdrawn")
+            if not self.circuit.allow():
+                return Outcome("circuit_open", attempt - 1, error="circuit open")
+            await self.bucket.acquire()
+            calls = attempt
+            started = time.perf_counter()
+            retry_after: float | None = None
+            try:
+                async with self.semaphore:
+                    request = self.adapter.request(
+                        client, message, account=self.config.account, sender=self.config.sender
+                    )
+                    response = await client.send(request)
+            except httpx.TimeoutException as exc:
+                self.circuit.failure()
+                last = Outcome("failed", calls, error=f"timeout: {type(exc).__name__}")
+                self.observe(self.channel, "timeout", time.perf_counter() - started)
+            except httpx.TransportError as exc:
+                self.circuit.failure()
+                last = Outcome("failed", calls, error=f"transport: {type(exc).__name__}")
+                self.observe(self.channel, "transport_error", time.perf_counter() - started)
+            else:
+                status = response.status_code
+                seconds = time.perf_counter() - started
+                if 200 <= status < 300:
+                    self.circuit.success()
+                    self.observe(self.channel, "accepted", seconds)
+                    return Outcome(
+                        "accepted", calls, self.adapter.message_id(response), status=status
+                    )
+                if status == 429:
+                    # Throttled: the provider is up, so this says nothing about its health.
+                    self.circuit.release()
+                    self.observe(self.channel, "throttled", seconds)
+                elif status >= 500:
+                    self.circuit.failure()
+                    self.observe(self.channel, "server_error", seconds)
+                else:
+                    self.circuit.success()
+                    self.observe(self.channel, "rejected", seconds)
+                    return Outcome("rejected", calls, status=status, error=f"HTTP {status}")
+                retry_after = retry_after_seconds(response.headers.get("Retry-After"))
+                last = Outcome("failed", calls, status=status, error=f"HTTP {status}")
+                if retry_after is not None and retry_after > self.config.retry_after_max_s:
+                    # Asked to wait longer than a batch may hold its partition: fall back now.
+                    return Outcome(
+                        "failed", calls, status=status, error=f"HTTP {status}, Retry-After too long"
+                    )
+            if attempt < self.config.max_attempts:
+                await asyncio.sleep(
+                    retry_delay(
+                        attempt,
+                        retry_after,
+                        base_s=self.config.backoff_base_s,
+                        max_s=self.config.backoff_max_s,
+                        retry_after_max_s=self.config.retry_after_max_s,
+                    )
+                )
+        return last
+
+    def state(self) -> CircuitState:
+        return self.circuit.state

@@ -1,0 +1,229 @@
+"""A lean HTTP/1.1 keep-alive transport for the providers' httpx clients.
+
+httpx's default transport (httpcore over anyio and h11) spends most of a
+provider call's CPU in its own machinery: at thousands of calls per second and
+a 20 ms provider, it - not the network - bounds delivery. This transport speaks
+just what provider APIs need: one request at a time per connection, bodies with
+Content-Length or chunked answers, TLS through asyncio, keep-alive pooling,
+httpx's timeouts (connect, read) and httpx's exceptions, so everything above it
+(the client, retries, the adapters) is unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+
+import httpx
+
+_MAX_HEAD = 64 * 1024
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.waiter: asyncio.Future[tuple[int, list[tuple[bytes, bytes]], bytes, bool]] | None = (
+            None
+        )
+        self.closed = False
+        self.received_any = False
+        self._head: tuple[int, list[tuple[bytes, bytes]], int | None, bool, bool] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            head = self._head
+            if head is not None and head[2] is None and not head[3]:
+                # A body delimited by the end of the connection.
+                waiter.set_result((head[0], head[1], bytes(self.buffer), False))
+            elif self.received_any:
+                waiter.set_exception(
+                    httpx.ReadError("connection closed in the middle of an answer")
+                )
+            else:
+                waiter.set_exception(
+                    httpx.RemoteProtocolError("server disconnected without sending a response")
+                )
+
+    def data_received(self, data: bytes) -> None:
+        self.received_any = True
+        self.buffer += data
+        try:
+            self._parse()
+        except ValueError as exc:
+            if self.waiter is not None and not self.waiter.done():
+                self.waiter.set_exception(httpx.RemoteProtocolError(f"malformed answer: {exc}"))
+            self.close()
+
+    def _parse(self) -> None:
+        if self.waiter is None or self.waiter.done():
+            return
+        if self._head is None:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self.buffer) > _MAX_HEAD:
+                    raise ValueError("header too large")
+                return
+            lines = bytes(self.buffer[:end]).split(b"\r\n")
+            del self.buffer[: end + 4]
+            parts = lines[0].split(b" ", 2)
+            status = int(parts[1])
+            headers: list[tuple[bytes, bytes]] = []
+            length: int | None = None
+            chunked = False
+            keep_alive = parts[0] == b"HTTP/1.1"
+            for line in lines[1:]:
+                name, _, value = line.partition(b":")
+                name, value = name.strip(), value.strip()
+                headers.append((name, value))
+                lower = name.lower()
+                if lower == b"content-length":
+                    length = int(value)
+                elif lower == b"transfer-encoding" and b"chunked" in value.lower():
+                    chunked = True
+                elif lower == b"connection":
+                    keep_alive = value.lower() != b"close"
+            if status in (204, 304) or 100 <= status < 200:
+                length = 0
+            self._head = (status, headers, length, chunked, keep_alive)
+        status, headers, length, chunked, keep_alive = self._head
+        if chunked:
+            body = _dechunk(self.buffer)
+            if body is None:
+                return
+            content, used = body
+        elif length is not None:
+            if len(self.buffer) < length:
+                return
+            content, used = bytes(self.buffer[:length]), length
+        else:
+            return  # until the connection closes
+        del self.buffer[:used]
+        self._head = None
+        self.waiter.set_result((status, headers, content, keep_alive))
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+def _dechunk(buffer: bytearray) -> tuple[bytes, int] | None:
+    """The body of a complete chunked message at the start of `buffer`, and bytes used."""
+    out = bytearray()
+    pos = 0
+    while True:
+        end = buffer.find(b"\r\n", pos)
+        if end < 0:
+            return None
+        size = int(bytes(buffer[pos:end]).split(b";")[0].strip() or b"0", 16)
+        pos = end + 2
+        if size == 0:
+            trailer_end = buffer.find(b"\r\n\r\n", pos - 2)
+            if trailer_end < 0:
+                return None
+            return bytes(out), trailer_end + 4
+        if len(buffer) < pos + size + 2:
+            return None
+        out += buffer[pos : pos + size]
+        pos += size + 2
+
+
+class FastTransport(httpx.AsyncBaseTransport):
+    def __init__(self, max_connections: int, *, verify: ssl.SSLContext | bool = True) -> None:
+        self._limit = asyncio.Semaphore(max_connections)
+        self._idle: dict[tuple[str, str, int], deque[_Connection]] = {}
+        self._ssl: ssl.SSLContext | None = None
+        self._verify = verify
+        self._all: set[_Connection] = set()
+
+    def _context(self) -> ssl.SSLContext:
+        if self._ssl is None:
+            if isinstance(self._verify, ssl.SSLContext):
+                self._ssl = self._verify
+            elif self._verify:
+                self._ssl = ssl.create_default_context()
+            else:
+                self._ssl = ssl._create_unverified_context()
+        return self._ssl
+
+    async def _connect(self, origin: tuple[str, str, int], limit_s: float | None) -> _Connection:
+        idle = self._idle.get(origin)
+        while idle:
+            connection = idle.pop()
+            if not connection.closed:
+                return connection
+        scheme, host, port = origin
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(limit_s):
+                _, protocol = await loop.create_connection(
+                    _Connection,
+                    host,
+                    port,
+                    ssl=self._context() if scheme == "https" else None,
+                    server_hostname=host if scheme == "https" else None,
+                )
+        except TimeoutError:
+            raise httpx.ConnectTimeout(f"connecting to {host}:{port} timed out") from None
+        except OSError as exc:
+            raise httpx.ConnectError(f"connecting to {host}:{port}: {exc}") from None
+        self._all.add(protocol)
+        return protocol
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        url = request.url
+        scheme = url.scheme
+        port = url.port or (443 if scheme == "https" else 80)
+        origin = (scheme, url.host, port)
+        timeouts = request.extensions.get("timeout", {})
+        body = await request.aread()
+        head = [request.method.encode() + b" " + url.raw_path + b" HTTP/1.1"]
+        head += [name + b": " + value for name, value in request.headers.raw]
+        payload = b"\r\n".join(head) + b"\r\n\r\n" + body
+        async with self._limit:
+            connection = await self._connect(origin, timeouts.get("connect"))
+            loop = asyncio.get_running_loop()
+            connection.waiter = loop.create_future()
+            connection.received_any = False
+            assert connection.transport is not None
+            connection.transport.write(payload)
+            try:
+                async with asyncio.timeout(timeouts.get("read")):
+                    status, headers, content, keep_alive = await connection.waiter
+            except TimeoutError:
+                connection.close()
+                self._all.discard(connection)
+                raise httpx.ReadTimeout(
+                    "the provider did not answer in time", request=request
+                ) from None
+            except httpx.TransportError:
+                connection.close()
+                self._all.discard(connection)
+                raise
+            finally:
+                connection.waiter = None
+            if keep_alive and not connection.closed:
+                self._idle.setdefault(origin, deque()).append(connection)
+            else:
+                connection.close()
+                self._all.discard(connection)
+        return httpx.Response(
+            status,
+            headers=headers,
+            content=content,
+            extensions={"http_version": b"HTTP/1.1"},
+        )
+
+    async def aclose(self) -> None:
+        for connection in list(self._all):
+            connection.close()
+        self._all.clear()
+        self._idle.clear()

@@ -1,0 +1,104 @@
+"""A circuit breaker per provider and a token bucket per channel; time is injected."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from enum import StrEnum
+
+Now = Callable[[], float]
+
+
+class CircuitState(StrEnum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+class CircuitBreaker:
+    """Opens after `failures` consecutive failures; after `reset_s` lets one probe through.
+
+    A successful probe closes it, a failed one opens it again for another `reset_s`.
+    """
+
+    def __init__(self, failures: int, reset_s: float, now: Now = time.monotonic) -> None:
+        self.threshold = failures
+        self.reset_s = reset_s
+        self.now = now
+        self._state = CircuitState.CLOSED
+        self._failures = 0
+        self._opened_at = 0.0
+        self._probing = False
+        self.opened_total = 0
+
+    @property
+    def state(self) -> CircuitState:
+        if self._state is CircuitState.OPEN and self.now() - self._opened_at >= self.reset_s:
+            return CircuitState.HALF_OPEN
+        return self._state
+
+    def allow(self) -> bool:
+        """Whether a call may go out now (in half-open: the one probe)."""
+        state = self.state
+        if state is CircuitState.CLOSED:
+            return True
+        if state is CircuitState.OPEN or self._probing:
+            return False
+        self._state = CircuitState.HALF_OPEN
+        self._probing = True
+        return True
+
+    def success(self) -> None:
+        self._state = CircuitState.CLOSED
+        self._failures = 0
+        self._probing = False
+
+    def failure(self) -> None:
+        self._probing = False
+        if self._state is CircuitState.HALF_OPEN:
+            self._open()
+            return
+        self._failures += 1
+        if self._state is CircuitState.CLOSED and self._failures >= self.threshold:
+            self._open()
+
+    def release(self) -> None:
+        """A call that ended without telling anything about the provider's health (429)."""
+        self._probing = False
+
+    def _open(self) -> None:
+        self._state = CircuitState.OPEN
+        self._opened_at = self.now()
+        self._failures = 0
+        self.opened_total += 1
+
+
+class TokenBucket:
+    """`rate` calls per second on average, `burst` at once; callers queue in order.
+
+    Each call takes a token at once, possibly into debt, and sleeps until its token
+    would have been there: no busy waiting, and waiters keep their arrival order.
+    """
+
+    def __init__(self, rate: float, burst: int, now: Now = time.monotonic) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError("rate must be positive and burst at least 1")
+        self.rate = rate
+        self.burst = float(burst)
+        self.now = now
+        self._tokens = float(burst)
+        self._updated = now()
+
+    def reserve(self) -> float:
+        """Take a token; return how long to wait before using it."""
+        now = self.now()
+        self._tokens = min(self.burst, self._tokens + (now - self._updated) * self.rate)
+        self._updated = now
+        self._tokens -= 1.0
+        return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
+
+    async def acquire(self) -> None:
+        wait = self.reserve()
+        if wait > 0:
+            await asyncio.sleep(wait)
