@@ -85,3 +85,15 @@ manifests: $(STAMP) ## Kubernetes: sync the PrometheusRule, render k8s/overlays/
 	mkdir -p .run/k8s
 	for overlay in dev prod; do k8s/kustomize.sh build k8s/overlays/$$overlay > .run/k8s/$$overlay.yaml || exit 1; done
 	@echo "rendered .run/k8s/dev.yaml and .run/k8s/prod.yaml"
+
+.PHONY: bench-segmentation
+bench-segmentation: $(STAMP) up ## segmentation on PostgreSQL and Kafka (USERS=1000000 by default)
+	set -a; . .run/env; set +a; $(PY) -m benchmarks.segmentation --users $${USERS:-1000000}
+
+.PHONY: bench-delivery
+bench-delivery: $(STAMP) ## delivery throughput to a 20 ms loopback provider, then with 10% 5xx
+	$(PY) -m benchmarks.delivery $(BENCH_ARGS)
+
+.PHONY: bench-scheduling
+bench-scheduling: $(STAMP) up ## scheduling: plan N x 5 waves on PostgreSQL, dispatch a day via Kafka (PARTICIPANTS=1000000)
+	set -a; . .run/env; set +a; $(PY) -m benchmarks.scheduling --participants $${PARTICIPANTS:-1000000}

@@ -149,6 +149,10 @@ class SegmentSnapshot(BaseModel):
     tags: list[str] = Field(default_factory=list)
     channel_order: list[Channel] = Field(default_factory=list)
     abuse_review: bool = False
+    # RFM scores 1..5 (None before the first ranking).
+    r: int | None = None
+    f: int | None = None
+    m: int | None = None
 
 
 class AudienceMemberResolved(UserEvent):
@@ -164,6 +168,7 @@ class AudienceMemberResolved(UserEvent):
     consent: dict[Channel, bool] = Field(default_factory=dict)
     addresses: dict[Channel, str] = Field(default_factory=dict)
     segment: SegmentSnapshot = Field(default_factory=SegmentSnapshot)
+    locale: str | None = None
 
 
 # touches ------------------------------------------------------------------
@@ -207,6 +212,9 @@ class TouchDue(TouchEvent):
     content: dict[Channel, MessageContent] = Field(default_factory=dict)
     variables: dict[str, str] = Field(default_factory=dict)
     segment: str | None = None
+    # Send on this many of `channels` at once (SMS + push together on day 7 for core users);
+    # the rest of the list stays the fallback order.
+    parallel: int = Field(1, ge=1, le=5)
 
 
 class TouchSuppressed(TouchEvent):
