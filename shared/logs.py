@@ -177,3 +177,6 @@ def configure_logging(
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers.clear()
         logging.getLogger(name).propagate = True
+    # Access lines carry client addresses, which are personal data; requests are
+    # counted by the Prometheus middleware instead.
+    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
