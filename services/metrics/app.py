@@ -6,14 +6,16 @@ import functools
 from collections.abc import Mapping
 
 from services.metrics import api, handlers, store
-from shared.consumer import EventHandler
-from shared.events import DeliverySent, EventData, TouchPlanned
+from services.metrics.config import MetricsSettings
+from shared.consumer import BatchEventHandler
+from shared.events import EventData
 from shared.service import ServiceContext, ServiceSpec
 
 
-def event_handlers(ctx: ServiceContext) -> Mapping[type[EventData], EventHandler]:
-    count = functools.partial(handlers.on_touch_event, ctx)
-    return {TouchPlanned: count, DeliverySent: count}
+def batch_handlers(ctx: ServiceContext) -> Mapping[type[EventData], BatchEventHandler]:
+    ctx.extras["metrics_settings"] = MetricsSettings()
+    count = functools.partial(handlers.on_events, ctx)
+    return dict.fromkeys(handlers.HANDLED, count)
 
 
 SPEC = ServiceSpec(
@@ -22,7 +24,7 @@ SPEC = ServiceSpec(
     metadata=store.metadata,
     outbox_table=store.outbox,
     routers=(api.router,),
-    handlers=event_handlers,
+    batch_handlers=batch_handlers,
 )
 
 create_app = SPEC.create_app

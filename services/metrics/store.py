@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Column, MetaData, String, Table
+from sqlalchemy import BigInteger, Column, Float, Index, MetaData, String, Table
 
 from shared.db import UtcDateTime
 from shared.outbox import outbox_table
@@ -18,13 +18,64 @@ seen_events = Table(
     Column("seen_at", UtcDateTime(), nullable=False),
 )
 
-wave_counts = Table(
-    "wave_counts",
+# Per-minute aggregates: one row per promotion, minute, dimensions and measure.
+# Touch measures are bucketed at the minute of their event; conversions, orders and
+# revenue at the minute of the attributed exposure (cohort of the touch).
+# Unknown dimensions are stored as "" (channel of a planned touch, a touch not yet planned).
+minute_counts = Table(
+    "minute_counts",
     metadata,
     Column("promotion_id", String(128), primary_key=True),
+    Column("minute", UtcDateTime(), primary_key=True),
     Column("wave", String(16), primary_key=True),
-    Column("measure", String(32), primary_key=True),
-    Column("value", BigInteger, nullable=False),
+    Column("channel", String(16), primary_key=True),
+    Column("segment", String(64), primary_key=True),
+    Column("variant", String(64), primary_key=True),
+    Column("measure", String(48), primary_key=True),
+    Column("value", Float, nullable=False),
+)
+
+# What metrics knows of each touch: its dimensions and its attribution exposure.
+touches = Table(
+    "touches",
+    metadata,
+    Column("touch_id", String(128), primary_key=True),
+    Column("user_id", String(128), nullable=False),
+    Column("promotion_id", String(128), nullable=False),
+    Column("wave", String(16), nullable=False),
+    Column("segment", String(64), nullable=True),
+    Column("variant", String(64), nullable=False, server_default=""),
+    Column("channel", String(16), nullable=False, server_default=""),
+    # "sent" (a delivery) or "holdout" (suppressed for the holdout): what a purchase credits.
+    Column("exposure", String(8), nullable=True),
+    Column("exposed_at", UtcDateTime(), nullable=True),
+    Column("orders", BigInteger, nullable=False, server_default="0"),
+    Index("ix_touches_user_exposed", "user_id", "exposed_at"),
+)
+
+# Counts made for a touch whose segment was not known yet (its touch.planned came later):
+# moved to the right segment when it arrives.
+pending = Table(
+    "pending",
+    metadata,
+    Column("touch_id", String(128), primary_key=True),
+    Column("seq", BigInteger, primary_key=True),
+    Column("minute", UtcDateTime(), nullable=False),
+    Column("channel", String(16), nullable=False),
+    Column("measure", String(48), nullable=False),
+    Column("value", Float, nullable=False),
+)
+
+# Every purchase and the touch it is attributed to (None: no exposure within the window).
+purchases = Table(
+    "purchases",
+    metadata,
+    Column("activity_id", String(128), primary_key=True),
+    Column("user_id", String(128), nullable=False),
+    Column("occurred_at", UtcDateTime(), nullable=False),
+    Column("amount", Float, nullable=False),
+    Column("touch_id", String(128), nullable=True),
+    Index("ix_purchases_user_occurred", "user_id", "occurred_at"),
 )
 
 outbox = outbox_table(metadata)
