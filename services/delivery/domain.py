@@ -11,7 +11,7 @@ import hmac
 import random
 import secrets
 import string
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from shared.events import MessageContent, TouchDue
@@ -59,6 +59,11 @@ def candidate_channels(due: TouchDue) -> list[str]:
     """The channels of a touch in order of preference, each once."""
     ordered = list(due.channels) or ([due.channel] if due.channel else [])
     return list(dict.fromkeys(ordered))
+
+
+def lane_count(due: TouchDue) -> int:
+    """How many channels a touch goes out on at once: `parallel`, at most its channels."""
+    return max(1, min(due.parallel, len(candidate_channels(due))))
 
 
 def unavailable_reason(
@@ -169,19 +174,21 @@ def choose_channel(
     terms: Mapping[str, ChannelTerms],
     ledger: Ledger,
     tried: Sequence[str],
+    taken: Collection[str] = (),
 ) -> Send | Fail:
     """The next channel for a touch, or why none is left.
 
     The first available channel in order of preference is taken when its budget
     for the promotion has room; otherwise a cheaper available channel with room;
     otherwise the touch is suppressed with reason `budget`. Channels in `tried`
-    failed before (provider errors): the touch falls back along its list.
+    failed before (provider errors): the touch falls back along its list. Channels in
+    `taken` belong to the other lanes of a parallel touch and are skipped.
     """
     fallback = bool(tried)
     available: list[str] = []
     reasons: list[str] = []
     for channel in candidate_channels(due):
-        if channel in tried:
+        if channel in tried or channel in taken:
             continue
         reason = unavailable_reason(contact, channel, terms)
         if reason is None:
@@ -199,6 +206,8 @@ def choose_channel(
         for reason in ("provider_failed", NO_CONTENT, "no_consent"):
             if reason in reasons:
                 return Fail(reason, _detail(reason, due))
+        if taken:
+            return Fail("no_consent", "every channel is taken by the other parallel sends")
         return Fail("no_consent", "the touch names no channel")
     preferred = available[0]
     if ledger.has_room(due.promotion_id, preferred, fallback=fallback):

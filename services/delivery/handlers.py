@@ -7,6 +7,15 @@ runtime's semaphore); the next round's transaction settles the answers and
 records the fallbacks. A crash after a call and before its settlement leaves
 the touch in `sending`: the redelivered event repeats that very call with the
 same Idempotency-Key, and a touch once `sent` or `failed` is never called again.
+
+A touch with `parallel` = n goes out on n channels at once: n lanes, each a call of its
+own with its own fallback along the rest of the list (a lane never takes a channel
+another lane holds, tried or accepted). Lane 0 is the `deliveries` row and calls with
+Idempotency-Key `<touch id>`; lanes 1.. are `parallel_sends` rows and call with
+`<touch id>:<channel>`, so the keys of one touch differ per provider call. Each lane is
+settled once, like a touch: a redelivery repeats only the calls still `sending`. Every
+accepted lane reports `delivery.sent` (one per channel; scheduling counts the touch
+once); `delivery.failed` is reported only when every lane failed, by the last to end.
 """
 
 from __future__ import annotations
@@ -103,12 +112,33 @@ async def load_contacts(conn: AsyncConnection, user_ids: Iterable[str]) -> dict[
 
 
 @dataclass
+class Group:
+    """The lanes of one touch: which lane holds which channel, and how the lanes ended."""
+
+    holders: dict[str, int] = field(default_factory=dict)
+    open: int = 0
+    accepted: int = 0
+    coupon: str | None = None
+
+    def hold(self, lane: int, *channels: str | None) -> None:
+        for channel in channels:
+            if channel:
+                self.holders.setdefault(channel, lane)
+
+    def taken(self, lane: int) -> set[str]:
+        """Channels held by the other lanes."""
+        return {c for c, holder in self.holders.items() if holder != lane}
+
+
+@dataclass
 class Work:
-    """One touch on its way through the rounds of a batch."""
+    """One lane of a touch (the touch itself unless it is parallel) through the rounds."""
 
     due: TouchDue
     contact: Contact | None
     row_exists: bool
+    lane: int = 0
+    group: Group = field(default_factory=Group)
     coupon: str | None = None
     tried: list[str] = field(default_factory=list)
     attempts: int = 0
@@ -126,6 +156,8 @@ class Round:
 
     inserts: list[dict[str, Any]] = field(default_factory=list)
     updates: list[dict[str, Any]] = field(default_factory=list)
+    lane_inserts: list[dict[str, Any]] = field(default_factory=list)
+    lane_updates: list[dict[str, Any]] = field(default_factory=list)
     events: list[EventData] = field(default_factory=list)
     sent: dict[tuple[str, str], int] = field(default_factory=dict)
     accepted: dict[str, int] = field(default_factory=dict)
@@ -140,29 +172,47 @@ async def on_touches_due(
     for event in events:
         unique.setdefault(event.data.touch_id, event.data)
     dues = list(unique.values())
-    d = store.deliveries
+    d, p = store.deliveries, store.parallel_sends
+    touch_ids = [t.touch_id for t in dues]
     async with ctx.db.connect() as conn:
         rows = {
             r.touch_id: r
-            for r in (
-                await conn.execute(select(d).where(d.c.touch_id.in_([t.touch_id for t in dues])))
-            ).all()
+            for r in (await conn.execute(select(d).where(d.c.touch_id.in_(touch_ids)))).all()
+        }
+        lane_rows = {
+            (r.touch_id, r.lane): r
+            for r in (await conn.execute(select(p).where(p.c.touch_id.in_(touch_ids)))).all()
         }
         contacts = await load_contacts(conn, (t.user_id for t in dues))
     pending: list[Work] = []
     for due in dues:
-        row = rows.get(due.touch_id)
-        if row is not None and row.status != "sending":
-            continue  # settled before: a redelivery never calls again
-        work = Work(due, contacts.get(due.user_id), row_exists=row is not None)
-        if row is not None:
-            work.coupon = row.coupon_code
-            work.tried = list(row.tried or [])
-            work.attempts = row.attempts
-            work.channel = row.channel
-            work.cost = row.cost or 0.0
-            work.resume = row.channel is not None
-        pending.append(work)
+        first = rows.get(due.touch_id)
+        group = Group()
+        lanes: list[tuple[int, Any]] = []
+        for lane in range(domain.lane_count(due)):
+            row = first if lane == 0 else lane_rows.get((due.touch_id, lane))
+            if row is None and lane > 0 and first is not None:
+                continue  # the touch was decided without this lane: never call it now
+            lanes.append((lane, row))
+            if row is not None:
+                group.hold(lane, *(row.tried or []), row.channel)
+                group.accepted += int(row.status == "sent")
+                group.coupon = group.coupon or row.coupon_code
+        for lane, row in lanes:
+            if row is not None and row.status != "sending":
+                continue  # settled before: a redelivery never calls again
+            work = Work(
+                due, contacts.get(due.user_id), row_exists=row is not None, lane=lane, group=group
+            )
+            group.open += 1
+            if row is not None:
+                work.coupon = row.coupon_code
+                work.tried = list(row.tried or [])
+                work.attempts = row.attempts
+                work.channel = row.channel
+                work.cost = row.cost or 0.0
+                work.resume = row.channel is not None
+            pending.append(work)
     in_flight: list[Work] = []
     while pending or in_flight:
         to_call = await _round(ctx, rt, settle=in_flight, decide=pending)
@@ -224,9 +274,9 @@ def _settle(rt: DeliveryRuntime, work: Work, todo: Round, now: datetime) -> bool
         todo.accepted[channel] = todo.accepted.get(channel, 0) + 1
         key = (work.due.promotion_id, channel)
         todo.sent[key] = todo.sent.get(key, 0) + 1
-        todo.updates.append(
-            _row(work, now, status="sent", provider_message_id=outcome.provider_message_id)
-        )
+        work.group.accepted += 1
+        work.group.open -= 1
+        _record(work, todo, now, status="sent", provider_message_id=outcome.provider_message_id)
         todo.events.append(
             DeliverySent(
                 **_touch_fields(work.due),
@@ -270,14 +320,19 @@ def _decide(rt: DeliveryRuntime, work: Work, ledger: Ledger, todo: Round, now: d
             ledger.refund(due.promotion_id, work.channel, work.cost)
             work.cost = 0.0
         work.resume = False
-    choice = domain.choose_channel(due, work.contact, rt.terms, ledger, work.tried)
+    choice = domain.choose_channel(
+        due, work.contact, rt.terms, ledger, work.tried, taken=work.group.taken(work.lane)
+    )
     if isinstance(choice, Fail):
         _fail(rt, work, todo, now, choice.reason, choice.detail)
         return False
     assert isinstance(choice, Send)
     work.channel = choice.channel
+    work.group.hold(work.lane, choice.channel)
     if due.coupon and work.coupon is None:
-        work.coupon = domain.new_coupon_code()
+        # One coupon per touch, whichever channels carry it.
+        work.coupon = work.group.coupon or domain.new_coupon_code()
+        work.group.coupon = work.coupon
     cost = work.cost = ledger.charge(due.promotion_id, choice.channel)
     if not _prepare(rt, work, todo, now, record=True):
         ledger.refund(due.promotion_id, choice.channel, cost)
@@ -306,14 +361,36 @@ def _prepare(rt: DeliveryRuntime, work: Work, todo: Round, now: datetime, *, rec
         variant=due.variant,
         subject=rendered.subject,
         body=rendered.body,
+        idempotency_key=idempotency_key(due.touch_id, work.lane, channel),
     )
     if record:
-        if work.row_exists:
-            todo.updates.append(_row(work, now, status="sending"))
-        else:
-            todo.inserts.append(_new_row(work, now, status="sending"))
-            work.row_exists = True
+        _record(work, todo, now, status="sending")
     return True
+
+
+def idempotency_key(touch_id: str, lane: int, channel: str) -> str | None:
+    """None (the touch id) for lane 0; `<touch id>:<channel>` for the extra parallel lanes.
+
+    No two lanes of a touch ever call the same channel, so the keys of one touch are
+    distinct per provider call, and a repeated call (a resumed lane) has the same key.
+    """
+    return None if lane == 0 else f"{touch_id}:{channel}"
+
+
+def _record(work: Work, todo: Round, now: datetime, **values: Any) -> None:
+    """Write the lane's row: `deliveries` for lane 0, `parallel_sends` for the others."""
+    if work.lane == 0:
+        if work.row_exists:
+            todo.updates.append(_row(work, now, **values))
+        else:
+            todo.inserts.append(_new_row(work, now, **values))
+    else:
+        row = _lane_row(work, now, **values)
+        if work.row_exists:
+            todo.lane_updates.append({"b_touch_id": work.due.touch_id, "b_lane": work.lane, **row})
+        else:
+            todo.lane_inserts.append({"touch_id": work.due.touch_id, "lane": work.lane, **row})
+    work.row_exists = True
 
 
 def _fail(
@@ -322,19 +399,18 @@ def _fail(
     channel = work.tried[-1] if work.tried else work.channel
     work.channel = channel
     work.cost = 0.0
-    if work.row_exists:
-        todo.updates.append(_row(work, now, status="failed", reason=reason, detail=detail))
-    else:
-        todo.inserts.append(_new_row(work, now, status="failed", reason=reason, detail=detail))
-        work.row_exists = True
-    todo.events.append(
-        DeliveryFailed(
-            **_touch_fields(work.due),
-            channel=channel,
-            at=now,
-            reason=reason,
+    _record(work, todo, now, status="failed", reason=reason, detail=detail)
+    work.group.open -= 1
+    if work.group.open <= 0 and not work.group.accepted:
+        # The last lane of the touch to end, and none was accepted: the touch failed.
+        todo.events.append(
+            DeliveryFailed(
+                **_touch_fields(work.due),
+                channel=channel,
+                at=now,
+                reason=reason,
+            )
         )
-    )
     rt.metrics.outcomes.labels(channel or "", "failed", reason).inc()
     log.info(
         "touch failed",
@@ -392,6 +468,32 @@ def _row(work: Work, now: datetime, **values: Any) -> dict[str, Any]:
     }
 
 
+def _lane_row(work: Work, now: datetime, **values: Any) -> dict[str, Any]:
+    return {
+        "channel": work.channel,
+        "status": values["status"],
+        "attempts": work.attempts,
+        "reason": values.get("reason"),
+        "cost": work.cost,
+        "provider_message_id": values.get("provider_message_id"),
+        "coupon_code": work.coupon,
+        "tried": list(work.tried),
+        "updated_at": now,
+    }
+
+
+_LANE_COLUMNS = (
+    "channel",
+    "status",
+    "attempts",
+    "reason",
+    "cost",
+    "provider_message_id",
+    "coupon_code",
+    "tried",
+    "updated_at",
+)
+
 _UPDATE_COLUMNS = (
     "channel",
     "status",
@@ -448,6 +550,17 @@ async def _write(conn: AsyncConnection, ledger: Ledger, todo: Round) -> None:
             .where(d.c.touch_id == bindparam("b_touch_id"))
             .values({name: bindparam(name) for name in _UPDATE_COLUMNS}),
             todo.updates,
+        )
+    p = store.parallel_sends
+    if todo.lane_inserts:
+        await conn.execute(p.insert(), todo.lane_inserts)
+    if todo.lane_updates:
+        await conn.execute(
+            update(p)
+            .where(p.c.touch_id == bindparam("b_touch_id"))
+            .where(p.c.lane == bindparam("b_lane"))
+            .values({name: bindparam(name) for name in _LANE_COLUMNS}),
+            todo.lane_updates,
         )
     s = store.spend
     changed = sorted(ledger.changed | set(todo.sent))

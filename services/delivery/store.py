@@ -47,6 +47,25 @@ deliveries = Table(
     Index("ux_deliveries_coupon", "coupon_code", unique=True),
 )
 
+# The extra channels of a parallel touch (`TouchDue.parallel` > 1): lane 0 is the
+# `deliveries` row, lanes 1.. are here, each its own call with its own fallback and its
+# own Idempotency-Key (`<touch id>:<channel>`). Statuses as in `deliveries`.
+parallel_sends = Table(
+    "parallel_sends",
+    metadata,
+    Column("touch_id", String(64), primary_key=True),
+    Column("lane", Integer, primary_key=True),
+    Column("channel", String(16), nullable=True),
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("reason", String(32), nullable=True),
+    Column("cost", Float, nullable=True),
+    Column("provider_message_id", String(256), nullable=True),
+    Column("coupon_code", String(32), nullable=True),
+    Column("tried", JSON, nullable=True),
+    Column("updated_at", UtcDateTime(), nullable=False),
+)
+
 # Delivery's own copy of each user's contact state, from `user.updated` / `user.erased`.
 contacts = Table(
     "contacts",

@@ -12,7 +12,12 @@ import httpx
 
 @dataclass(frozen=True, slots=True)
 class OutboundMessage:
-    """One touch on one channel, rendered; `id` (the touch id) is the Idempotency-Key."""
+    """One touch on one channel, rendered.
+
+    `id` is the touch id (the body's `id`, and the key receipts come back with);
+    `idempotency_key` is the Idempotency-Key when it is not the touch id - the extra
+    channels of a parallel send (`<touch id>:<channel>`).
+    """
 
     id: str
     channel: str
@@ -23,6 +28,7 @@ class OutboundMessage:
     variant: str | None
     subject: str
     body: str
+    idempotency_key: str | None = None
 
     def contract_body(self) -> dict[str, Any]:
         return {
@@ -59,7 +65,7 @@ class Adapter(Protocol):
 
 
 def idempotency_headers(message: OutboundMessage) -> dict[str, str]:
-    return {"Idempotency-Key": message.id}
+    return {"Idempotency-Key": message.idempotency_key or message.id}
 
 
 def retry_after_seconds(value: str | None, now: datetime | None = None) -> float | None:
