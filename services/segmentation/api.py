@@ -153,7 +153,7 @@ async def record_activities(body: ActivitiesCreate, ctx: Ctx) -> ActivitiesAccep
         )
         for a in body.activities
     ]
-    recorded = await handlers.record_activities(ctx, batch)
+    recorded = await handlers.record_activities(ctx, batch, publish=True)
     received = len(batch)
     return ActivitiesAccepted(received=received, recorded=recorded, duplicates=received - recorded)
 

@@ -159,15 +159,26 @@ async def erase_user(ctx: ServiceContext, user_id: str) -> int:
 # -- activities -------------------------------------------------------------------------
 
 
-async def record_activities(ctx: ServiceContext, batch: Sequence[domain.Activity]) -> int:
-    """Store new activities and fold them into the aggregates; returns how many were new."""
+async def record_activities(
+    ctx: ServiceContext, batch: Sequence[domain.Activity], *, publish: bool = False
+) -> int:
+    """Store new activities and fold them into the aggregates; returns how many were new.
+
+    `publish`: also announce each new activity as `activity.recorded` (through the outbox,
+    same transaction), for activities that did not come from the topic (the REST ingest):
+    other services (metrics attribution) see every purchase on the `activities` topic.
+    """
     recorded = 0
     for start in range(0, len(batch), ACTIVITY_CHUNK):
-        recorded += await _record_chunk(ctx, batch[start : start + ACTIVITY_CHUNK])
+        recorded += await _record_chunk(ctx, batch[start : start + ACTIVITY_CHUNK], publish=publish)
+    if recorded and publish:
+        ctx.outbox.notify()
     return recorded
 
 
-async def _record_chunk(ctx: ServiceContext, chunk: Sequence[domain.Activity]) -> int:
+async def _record_chunk(
+    ctx: ServiceContext, chunk: Sequence[domain.Activity], *, publish: bool
+) -> int:
     config = config_of(ctx)
     now = ctx.clock.now()
     unique = list({a.id: a for a in reversed(chunk)}.values())[::-1]
@@ -202,6 +213,8 @@ async def _record_chunk(ctx: ServiceContext, chunk: Sequence[domain.Activity]) -
         await store.add_to_aggregates(conn, domain.fold_activities(new, start), now)
         await store.add_to_months(conn, domain.month_amounts(new))
         await _check_abuse(conn, new, config, now)
+        if publish:
+            await ctx.outbox.add(conn, [recorded_event(a) for a in new], now=now)
     return len(new)
 
 
@@ -243,9 +256,30 @@ def activity_of(data: ActivityRecorded) -> domain.Activity:
     )
 
 
+def recorded_event(activity: domain.Activity) -> ActivityRecorded:
+    return ActivityRecorded(
+        id=activity.id,
+        user_id=activity.user_id,
+        kind=activity.kind,
+        occurred_at=activity.occurred_at,
+        amount=activity.amount,
+        currency=activity.currency,
+        item_id=activity.item_id,
+        category=activity.category,
+        promotion_id=activity.promotion_id,
+    )
+
+
 async def on_activities(ctx: ServiceContext, events: list[Event[Any]]) -> None:
-    """Activities from the `activities` topic: the same path as the REST batch."""
-    await record_activities(ctx, [activity_of(e.data) for e in events])
+    """Activities from the `activities` topic: the same path as the REST batch.
+
+    Events segmentation published itself (REST-ingested activities) were applied when
+    they were accepted: they are skipped here, not counted twice.
+    """
+    own = ctx.outbox.source
+    foreign = [activity_of(e.data) for e in events if e.source != own]
+    if foreign:
+        await record_activities(ctx, foreign)
 
 
 async def on_engagements(ctx: ServiceContext, events: list[Event[Any]]) -> None:

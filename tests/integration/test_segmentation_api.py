@@ -290,6 +290,59 @@ async def test_activities_from_the_topic_take_the_same_path(service: Service) ->
     assert row.purchases == 3 and row.monetary == pytest.approx(300.0)
 
 
+async def test_rest_activities_are_published_once_and_not_folded_again(service: Service) -> None:
+    """REST-ingested activities reach the `activities` topic (metrics attribution reads it):
+    each new one once, duplicates never; segmentation's own consumer skips them."""
+    batch = [purchase(i, "u-r", 25.0, NOW - timedelta(hours=i)) for i in range(1, 4)]
+    first = await service.client.post("/v1/activities", json={"activities": batch})
+    assert first.json()["recorded"] == 3
+    again = await service.client.post(
+        "/v1/activities",
+        json={"activities": [*batch[:2], purchase(9, "u-r", 5.0, NOW)]},
+    )
+    assert again.json() == {"received": 3, "recorded": 1, "duplicates": 2}
+    await service.drained()
+    events = [REGISTRY.decode(m.value) for m in service.bus.messages("activities")]
+    assert sorted(e.data.id for e in events) == ["a-1", "a-2", "a-3", "a-9"]
+    assert {e.source for e in events} == {service.ctx.outbox.source}
+    assert {e.type for e in events} == {ActivityRecorded.event_type()}
+    by_id = {e.data.id: e.data for e in events}
+    assert by_id["a-1"].user_id == "u-r"
+    assert by_id["a-1"].amount == pytest.approx(25.0)
+    assert by_id["a-1"].currency == "CNY"
+    assert by_id["a-1"].occurred_at == NOW - timedelta(hours=1)
+
+    async def aggregate() -> Any:
+        async with service.ctx.db.connect() as conn:
+            return (
+                await conn.execute(
+                    select(store.aggregates).where(store.aggregates.c.user_id == "u-r")
+                )
+            ).one()
+
+    # The events came back to segmentation's own consumer: nothing is folded twice.
+    await asyncio.sleep(0.3)
+    row = await aggregate()
+    assert row.purchases == 4 and row.monetary == pytest.approx(80.0)
+    # Even an own event whose activity is unknown here (erased since, say) is not applied:
+    # it was applied when it was accepted.
+    own = ActivityRecorded(id="own-1", user_id="u-r", kind="purchase", occurred_at=NOW, amount=1.0)
+    await handlers.on_activities(
+        service.ctx,
+        [REGISTRY.decode(encode(own, source=service.ctx.outbox.source, time=NOW))],
+    )
+    row = await aggregate()
+    assert row.purchases == 4 and row.monetary == pytest.approx(80.0)
+    # Activities from the topic are not republished (they are on the topic already).
+    foreign = ActivityRecorded(
+        id="f-1", user_id="u-r", kind="purchase", occurred_at=NOW, amount=2.0
+    )
+    await handlers.on_activities(service.ctx, [_event(foreign)])
+    await service.drained()
+    assert (await aggregate()).purchases == 5
+    assert len(service.bus.messages("activities")) == 4
+
+
 # -- segments ------------------------------------------------------------------------------------
 
 
