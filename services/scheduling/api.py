@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Depends, Path
 from pydantic import AwareDatetime, BaseModel, Field, ValidationError
@@ -72,7 +72,7 @@ class TouchPublic(BaseModel):
     channel: str | None
     variant: str | None
     due_at: datetime
-    status: str
+    status: Literal["planned", "sent", "suppressed", "failed", "cancelled"]
     reason: str | None
     planned_due_at: datetime | None
     deadline: datetime | None

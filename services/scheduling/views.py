@@ -96,7 +96,7 @@ async def user_touches(ctx: ServiceContext, user_id: str) -> list[dict[str, Any]
             "channel": r.channel,
             "variant": r.variant,
             "due_at": r.due_at,
-            "status": r.status,
+            "status": public_status(r.status),
             "reason": r.reason,
             "planned_due_at": r.planned_due_at,
             "deadline": r.deadline,
@@ -105,6 +105,12 @@ async def user_touches(ctx: ServiceContext, user_id: str) -> list[dict[str, Any]
         }
         for r in rows
     ]
+
+
+def public_status(status: str) -> str:
+    """PRODUCT.md's statuses: a touch handed to delivery but not yet confirmed is still
+    `planned` to callers; its `dispatched_at` says it is on its way."""
+    return "planned" if status == "dispatched" else status
 
 
 async def user_fatigue(ctx: ServiceContext, user_id: str) -> dict[str, Any]:

@@ -235,12 +235,13 @@ async def test_35_days_of_waves_in_each_users_timezone(service: Harness) -> None
     assert fatigue["state"] == "low_frequency"
     assert [h["signal"] for h in fatigue["history"]] == ["ignored_streak"]
     touches = (await service.client.get("/v1/users/u-newyork/touches")).json()["touches"]
-    assert [(t["wave"], t["status"]) for t in touches] == [
-        ("launch", "dispatched"),
-        ("day3", "dispatched"),
-        ("day7", "dispatched"),
-        ("day14", "suppressed"),
-        ("day30", "dispatched"),
+    # Handed to delivery, not yet confirmed: `planned` to callers, with dispatched_at set.
+    assert [(t["wave"], t["status"], t["dispatched_at"] is not None) for t in touches] == [
+        ("launch", "planned", True),
+        ("day3", "planned", True),
+        ("day7", "planned", True),
+        ("day14", "suppressed", False),
+        ("day30", "planned", True),
     ]
     assert touches[0]["deferrals"] == 1
 
