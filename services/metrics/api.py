@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Path, Query
 from pydantic import BaseModel
 
 from services.metrics import domain, queries
@@ -64,3 +64,32 @@ async def get_funnel(
     async with ctx.db.connect() as conn:
         rows = await queries.funnel(conn, promotion_id, groups, filters, since, until)
     return FunnelPublic(promotion_id=promotion_id, group_by=groups, rows=rows)
+
+
+class ExperimentPublic(BaseModel):
+    promotion_id: str
+    method: str
+    holdout: dict[str, Any]
+    variants: list[dict[str, Any]]
+    waves: list[dict[str, Any]]
+
+
+@router.get("/experiments/{promotion_id}", dependencies=[Depends(require_scope("metrics:read"))])
+async def get_experiment(
+    ctx: Ctx, promotion_id: str = Path(min_length=1, max_length=128)
+) -> ExperimentPublic:
+    """Each variant against the holdout, and each wave against its own holdout: conversion,
+    uplift (difference of proportions) with a 95% Wald interval, and the sample needed."""
+    async with ctx.db.connect() as conn:
+        found = await queries.experiment(conn, promotion_id)
+    if found is None:
+        raise Problem(
+            status=404, title="Unknown promotion", detail=f"promotion_id {promotion_id!r}: no touch"
+        )
+    return ExperimentPublic(method=METHOD, **found)
+
+
+METHOD = (
+    "uplift = difference of conversion proportions; 95% Wald interval (normal approximation); "
+    "sample per group for 80% power at alpha 0.05 (two-sided) at the observed effect"
+)

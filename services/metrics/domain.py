@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 COUNTS = (
     "planned",
     "suppressed",
     "sent",
+    "sends",
     "failed",
     "delivered",
     "opened",
@@ -97,3 +99,79 @@ def funnel_row(
     aov_ratio = None if aov is None or not promotion_aov else aov / promotion_aov
     row["health_index"] = health_index(reach, click, conversion, aov_ratio)
     return row
+
+
+# -- experiments ----------------------------------------------------------------
+
+Z_95 = 1.959963984540054  # two-sided alpha 0.05
+Z_POWER_80 = 0.8416212335729143  # one-sided 80% power
+
+
+def diff_ci(
+    x1: int, n1: int, x0: int, n0: int, z: float = Z_95
+) -> tuple[float, float, float] | None:
+    """Difference of proportions x1/n1 - x0/n0 with its Wald interval (normal approximation).
+
+    se = sqrt(p1(1-p1)/n1 + p0(1-p0)/n0), interval = d -/+ z*se. None if a group is empty.
+    """
+    if not n1 or not n0:
+        return None
+    p1, p0 = x1 / n1, x0 / n0
+    d = p1 - p0
+    se = math.sqrt(p1 * (1 - p1) / n1 + p0 * (1 - p0) / n0)
+    return d, d - z * se, d + z * se
+
+
+def sample_per_group(
+    p1: float, p0: float, z_alpha: float = Z_95, z_beta: float = Z_POWER_80
+) -> int | None:
+    """Participants needed in each group to detect p1 vs p0 (alpha 0.05 two-sided, 80% power).
+
+    n = (z_a*sqrt(2*pb*(1-pb)) + z_b*sqrt(p1(1-p1) + p0(1-p0)))^2 / (p1-p0)^2, pb = (p1+p0)/2,
+    rounded up; None when the effect is 0.
+    """
+    effect = p1 - p0
+    if effect == 0:
+        return None
+    pb = (p1 + p0) / 2
+    root = z_alpha * math.sqrt(2 * pb * (1 - pb)) + z_beta * math.sqrt(
+        p1 * (1 - p1) + p0 * (1 - p0)
+    )
+    return math.ceil(round(root * root / (effect * effect), 9))
+
+
+def comparison(x1: int, n1: int, x0: int, n0: int) -> dict[str, object]:
+    """Group 1 against group 0: uplift with its 95% interval and the sample still needed."""
+    ci = diff_ci(x1, n1, x0, n0)
+    out: dict[str, object] = {
+        "uplift": None,
+        "ci_low": None,
+        "ci_high": None,
+        "significant": None,
+        "sample_needed_per_group": None,
+        "still_needed": None,
+        "still_needed_baseline": None,
+    }
+    if ci is None:
+        return out
+    d, low, high = ci
+    needed = sample_per_group(x1 / n1, x0 / n0)
+    out.update(
+        uplift=d,
+        ci_low=low,
+        ci_high=high,
+        significant=low > 0 or high < 0,
+        sample_needed_per_group=needed,
+        still_needed=None if needed is None else max(0, needed - n1),
+        still_needed_baseline=None if needed is None else max(0, needed - n0),
+    )
+    return out
+
+
+def group_row(name: str, exposed: int, converted: int) -> dict[str, object]:
+    return {
+        "name": name,
+        "exposed": exposed,
+        "converted": converted,
+        "conversion_rate": rate(converted, exposed),
+    }

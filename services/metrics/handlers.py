@@ -15,13 +15,14 @@ Out-of-order events stay exact:
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy import and_, delete, or_, select, text, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -108,6 +109,7 @@ class Batch:
             "exposure": None,
             "exposed_at": None,
             "orders": 0,
+            "sends": 0,
         }
         self.touches[data.touch_id] = row
         await self.save(row)
@@ -202,13 +204,20 @@ class Batch:
             await self._expose(touch, "holdout", data.at)
 
     async def sent(self, event: Event[Any]) -> None:
+        """A touch counts as "sent" once, at its first accepted send recorded here (under
+        that send's channel); "sends" and cost count every accepted channel of a parallel
+        touch. Event ids are counted once, so a replay changes nothing."""
         data: DeliverySent = event.data
         touch = await self.touch_of(data)
-        if data.channel and not touch["channel"]:
+        first = not touch["sends"]
+        touch["sends"] += 1
+        if first and data.channel and not touch["channel"]:
             touch["channel"] = data.channel
-            await self.save(touch)
+        await self.save(touch)
         channel = data.channel or ""
-        await self.count(touch, data.at, "sent", 1, channel)
+        await self.count(touch, data.at, "sends", 1, channel)
+        if first:
+            await self.count(touch, data.at, "sent", 1, channel)
         if data.cost:
             await self.count(touch, data.at, "cost", data.cost, channel)
         if touch["exposure"] is None:
@@ -328,6 +337,29 @@ async def on_events(ctx: ServiceContext, events: Sequence[Event[Any]]) -> None:
         await apply(conn, events, window, ctx.clock.now())
 
 
+_LOCK = text(
+    "SELECT pg_advisory_xact_lock(k)"
+    " FROM (SELECT unnest(CAST(:keys AS bigint[])) AS k ORDER BY k) AS s"
+)
+
+
+async def lock_users(conn: AsyncConnection, users: set[str]) -> None:
+    """On PostgreSQL, hold a transaction lock per user (taken in key order, so batches never
+    deadlock): topics are consumed concurrently, and a purchase and the exposure that should own
+    it, counted in two concurrent transactions, would otherwise each miss the other."""
+    if conn.dialect.name != "postgresql" or not users:
+        return
+    keys = sorted(
+        int.from_bytes(
+            hashlib.blake2b(f"metrics-user:{u}".encode(), digest_size=8).digest(),
+            "big",
+            signed=True,
+        )
+        for u in users
+    )
+    await conn.execute(_LOCK, {"keys": keys})
+
+
 async def apply(
     conn: AsyncConnection, events: Sequence[Event[Any]], window: timedelta, now: datetime
 ) -> int:
@@ -339,6 +371,7 @@ async def apply(
         r[0]
         for r in (await conn.execute(_SEEN, [{"event_id": i, "seen_at": now} for i in ids])).all()
     }
+    await lock_users(conn, {e.data.user_id for e in events if e.id in fresh})
     batch = Batch(conn, window)
     counted = 0
     for event in events:

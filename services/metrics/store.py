@@ -19,6 +19,8 @@ seen_events = Table(
 )
 
 # Per-minute aggregates: one row per promotion, minute, dimensions and measure.
+# "sent" counts a touch once (its first accepted send recorded, under that send's channel);
+# "sends" counts every accepted channel send (a parallel touch sends on two channels).
 # Touch measures are bucketed at the minute of their event; conversions, orders and
 # revenue at the minute of the attributed exposure (cohort of the touch).
 # Unknown dimensions are stored as "" (channel of a planned touch, a touch not yet planned).
@@ -50,7 +52,10 @@ touches = Table(
     Column("exposure", String(8), nullable=True),
     Column("exposed_at", UtcDateTime(), nullable=True),
     Column("orders", BigInteger, nullable=False, server_default="0"),
+    # Accepted channel sends (a parallel touch has several): the touch counts as "sent" once.
+    Column("sends", BigInteger, nullable=False, server_default="0"),
     Index("ix_touches_user_exposed", "user_id", "exposed_at"),
+    Index("ix_touches_promotion_wave", "promotion_id", "wave"),
 )
 
 # Counts made for a touch whose segment was not known yet (its touch.planned came later):

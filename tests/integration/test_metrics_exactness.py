@@ -92,6 +92,25 @@ def stream() -> list[Event[Any]]:
             T0 + m,
         ),
         planned("t2", "u2", "core", "B"),
+        # u7: a parallel touch (email and sms, same touch_id): the sms send is recorded
+        # first, before the plan; the purchase comes before the email send; the sms is redelivered.
+        ev(
+            "t7.sent.sms",
+            DeliverySent(**touch("t7", "u7", variant="A"), channel="sms", at=T0 + m, cost=0.05),
+            T0 + m,
+        ),
+        purchase("a7", "u7", T0 + timedelta(hours=3), 40.0),
+        planned("t7", "u7", "high", "A"),
+        ev(
+            "t7.sent.email",
+            DeliverySent(**touch("t7", "u7", variant="A"), channel="email", at=T0 + m, cost=0.01),
+            T0 + m,
+        ),
+        ev(
+            "t7.sent.sms",
+            DeliverySent(**touch("t7", "u7", variant="A"), channel="sms", at=T0 + m, cost=0.05),
+            T0 + m,
+        ),  # duplicate
         # u3: holdout, buys the next day
         planned("t3", "u3", "high", "A"),
         ev("t3.held", TouchSuppressed(**touch("t3", "u3", variant="A"), reason="holdout", at=T0)),
@@ -134,37 +153,41 @@ def stream() -> list[Event[Any]]:
     ]
 
 
+# The parallel touch t7 counts once in "sent" (3 touches sent: t1, t2, t7), twice in "sends"
+# (t1 email, t2 sms, t7 sms and email) and in cost (0.01 + 0.05 + 0.05 + 0.01).
 LAUNCH = {
-    "planned": 4,
+    "planned": 5,
     "suppressed": 2,
-    "sent": 2,
+    "sent": 3,
+    "sends": 4,
     "failed": 0,
     "delivered": 1,
     "opened": 1,
     "clicked": 1,
-    "converted": 2,
-    "orders": 2,
+    "converted": 3,
+    "orders": 3,
     "holdout": 1,
     "holdout_converted": 1,
     "holdout_orders": 1,
-    "revenue": 150.0,
-    "cost": 0.06,
+    "revenue": 190.0,
+    "cost": 0.12,
     "holdout_revenue": 30.0,
     "suppressed_by_reason": {"cap_7d": 1, "holdout": 1},
-    "reach_rate": 0.5,
-    "open_rate": 0.5,
-    "click_rate": 0.5,
+    "reach_rate": 0.6,
+    "open_rate": 1 / 3,
+    "click_rate": 1 / 3,
     "conversion_rate": 1.0,
-    "aov": 75.0,
-    "revenue_per_touch": 75.0,
-    "cost_per_conversion": 0.03,
-    "roi": (150 - 0.06) / 0.06,
+    "aov": 190 / 3,
+    "revenue_per_touch": 190 / 3,
+    "cost_per_conversion": 0.04,
+    "roi": (190 - 0.12) / 0.12,
     "holdout_conversion_rate": 1.0,
 }
 DAY3 = {
     "planned": 2,
     "suppressed": 0,
     "sent": 1,
+    "sends": 1,
     "failed": 1,
     "delivered": 0,
     "opened": 0,
@@ -240,11 +263,12 @@ async def test_every_figure_by_hand(db: Database, size: int) -> None:
     check(
         by_segment["high"],
         {
-            "planned": 3,
-            "sent": 2,
-            "converted": 2,
-            "revenue": 120.0,
-            "cost": 0.02,
+            "planned": 4,
+            "sent": 3,
+            "sends": 4,
+            "converted": 3,
+            "revenue": 160.0,
+            "cost": 0.08,
             "holdout": 1,
             "holdout_revenue": 30.0,
         },
@@ -263,8 +287,19 @@ async def test_every_figure_by_hand(db: Database, size: int) -> None:
     )
 
     by_wc = {(r["wave"], r["channel"]): r for r in await funnel(db, ("wave", "channel"))}
-    check(by_wc[("launch", "email")], {"sent": 1, "opened": 1, "converted": 1, "revenue": 100.0})
-    check(by_wc[("launch", "sms")], {"sent": 1, "converted": 1, "revenue": 50.0, "cost": 0.05})
+    # t7 counts as sent under sms (its first send recorded), and as a send on both channels;
+    # its conversion goes with the touch-level send (sms).
+    check(
+        by_wc[("launch", "email")],
+        {"sent": 1, "sends": 2, "opened": 1, "converted": 1, "revenue": 100.0, "cost": 0.02},
+    )
+    check(
+        by_wc[("launch", "sms")],
+        {"sent": 2, "sends": 2, "converted": 2, "revenue": 90.0, "cost": 0.1},
+    )
+    launch_channels = [r for (wave, _), r in by_wc.items() if wave == "launch"]
+    assert sum(r["sent"] for r in launch_channels) == LAUNCH["sent"]
+    assert all(r["reach_rate"] is None or r["reach_rate"] <= 1 for r in by_wc.values())
     check(by_wc[("day3", "sms")], {"failed": 1, "sent": 0, "conversion_rate": None})
 
     only_b = await funnel(db, ("variant",), variant="B", wave="launch")
@@ -280,7 +315,21 @@ async def test_every_figure_by_hand(db: Database, size: int) -> None:
                 )
             ).all()
         )
-    assert attributed == {"a1": "t1", "a2": "t2", "a3": "t3", "a4": "t5", "a5": None}
+    assert attributed == {
+        "a1": "t1",
+        "a2": "t2",
+        "a3": "t3",
+        "a4": "t5",
+        "a5": None,
+        "a7": "t7",
+    }
+    async with db.connect() as conn:
+        sends = (
+            await conn.execute(
+                select(store.touches.c.sends).where(store.touches.c.touch_id == "t7")
+            )
+        ).scalar()
+    assert sends == 2
 
 
 async def test_reversed_stream_gives_the_same_funnel(db: Database) -> None:
