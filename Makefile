@@ -97,3 +97,7 @@ bench-delivery: $(STAMP) ## delivery throughput to a 20 ms loopback provider, th
 .PHONY: bench-scheduling
 bench-scheduling: $(STAMP) up ## scheduling: plan N x 5 waves on PostgreSQL, dispatch a day via Kafka (PARTICIPANTS=1000000)
 	set -a; . .run/env; set +a; $(PY) -m benchmarks.scheduling --participants $${PARTICIPANTS:-1000000}
+
+.PHONY: bench-metrics
+bench-metrics: $(STAMP) up ## metrics: events/s aggregated on one process and funnel p50/p99 (PARTICIPANTS=100000)
+	set -a; . .run/env; set +a; $(PY) -m benchmarks.metrics --participants $${PARTICIPANTS:-100000}

@@ -1,0 +1,277 @@
+"""Metrics aggregation on PostgreSQL and Kafka (issue 6): events/s counted by one metrics
+process, catch-up behind the newest event, and `GET /v1/funnel` latency.
+
+    python -m benchmarks.metrics [--participants 100000] [--batch 1000] [--calls 20]
+
+Per participant: touch.planned for two waves (launch, day3), delivery.sent for each, an
+engagement "opened" for 30% of sends and "clicked" for 10%, and a purchase
+(activity.recorded) 1 hour after the launch send for 5% of participants. The events are
+encoded up front and published to Kafka (batches of `--batch`) before the metrics app starts,
+so the app works through a backlog: events/s runs from the first event consumed until the
+funnel shows every count; catch-up is the time from the app's start (all events already
+published) until then, and the peak consumer lag is read from the app's metrics registry.
+
+Needs AFTERGLOW_DATABASE_URL (PostgreSQL) and AFTERGLOW_KAFKA_BOOTSTRAP_SERVERS (`make up`).
+Creates and drops a database of its own; uses a unique topic prefix. Prints figures;
+asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import math
+import os
+import resource
+import statistics
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from services.metrics.app import create_app
+from shared.bus import OutMessage
+from shared.bus.kafka import KafkaBus
+from shared.events import (
+    ActivityRecorded,
+    DeliverySent,
+    EngagementRecorded,
+    EventData,
+    TouchPlanned,
+    encode,
+)
+from shared.service import all_topics
+from shared.settings import Settings
+
+TOKEN = "bench"
+START = datetime(2026, 3, 8, 0, 0, tzinfo=UTC)
+WAVES = (("launch", timedelta(0)), ("day3", timedelta(days=3)))
+CHANNELS = ("email", "sms", "push")
+SEGMENTS = ("high", "mid", "low")
+MEASURES = ("planned", "sent", "opened", "clicked", "orders")
+
+
+def build(participants: int, promotion: str, topic: Any) -> tuple[list[OutMessage], dict[str, int]]:
+    """Every participant's events, encoded, and the funnel totals they should add up to."""
+    out: list[OutMessage] = []
+    expected = dict.fromkeys(MEASURES, 0)
+
+    def add(data: EventData, at: datetime) -> None:
+        value = encode(data, source="bench/metrics", time=at)
+        out.append(OutMessage(topic=topic(data.topic), key=data.partition_key(), value=value))
+
+    for i in range(participants):
+        user = f"u-{i}"
+        channel = CHANNELS[i % len(CHANNELS)]
+        segment = SEGMENTS[(i // 7) % len(SEGMENTS)]
+        # Spread sends over a day of minutes, as a real promotion's are.
+        base = START + timedelta(minutes=i % 1440)
+        for wave, offset in WAVES:
+            tid = f"t-{i}-{wave}"
+            common: dict[str, Any] = {
+                "touch_id": tid,
+                "user_id": user,
+                "promotion_id": promotion,
+                "wave": wave,
+            }
+            due = base + offset
+            add(TouchPlanned(**common, due_at=due, segment=segment), due - timedelta(hours=1))
+            add(DeliverySent(**common, channel=channel, at=due, cost=0.01), due)
+            expected["planned"] += 1
+            expected["sent"] += 1
+            roll = (i * 31 + len(wave)) % 100
+            if roll < 30:
+                at = due + timedelta(minutes=5)
+                add(EngagementRecorded(**common, channel=channel, kind="opened", at=at), at)
+                expected["opened"] += 1
+            if roll < 10:
+                at = due + timedelta(minutes=6)
+                add(EngagementRecorded(**common, channel=channel, kind="clicked", at=at), at)
+                expected["clicked"] += 1
+        if i % 20 == 0:
+            at = base + timedelta(hours=1)
+            purchase = ActivityRecorded(
+                user_id=user,
+                id=f"a-{i}",
+                kind="purchase",
+                occurred_at=at,
+                amount=25.0,
+                currency="EUR",
+            )
+            add(purchase, at)
+            expected["orders"] += 1
+    return out, expected
+
+
+def totals(rows: list[dict[str, Any]]) -> dict[str, int]:
+    return {m: int(sum(r.get(m) or 0 for r in rows)) for m in MEASURES}
+
+
+def sample(registry: Any, name: str) -> float:
+    return sum(s.value for metric in registry.collect() for s in metric.samples if s.name == name)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+async def main_async(args: argparse.Namespace, url: str, bootstrap: str) -> dict[str, Any]:
+    prefix = f"bench-metrics-{uuid.uuid4().hex[:8]}."
+    settings = Settings(
+        database_url=url,
+        kafka_bootstrap_servers=bootstrap,
+        topic_prefix=prefix,
+        api_tokens={TOKEN: frozenset({"*"})},
+        log_level="WARNING",
+    )
+    promotion = "p-bench"
+    started = time.perf_counter()
+    messages, expected = build(args.participants, promotion, settings.topic)
+    encode_s = time.perf_counter() - started
+
+    producer = KafkaBus(
+        bootstrap, client_id="bench-metrics-producer", partitions=settings.kafka_partitions
+    )
+    await producer.start()
+    try:
+        await producer.ensure_topics(all_topics(settings))
+        started = time.perf_counter()
+        for first in range(0, len(messages), args.batch):
+            await producer.publish(messages[first : first + args.batch])
+        publish_s = time.perf_counter() - started
+    finally:
+        await producer.stop()
+    events = len(messages)
+    del messages
+
+    app = create_app(settings)
+    figures: dict[str, Any] = {
+        "events": events,
+        "expected": expected,
+        "encode_s": encode_s,
+        "publish_s": publish_s,
+    }
+    async with contextlib.AsyncExitStack() as stack:
+        app_started = time.perf_counter()
+        await stack.enter_async_context(app.router.lifespan_context(app))
+        client = await stack.enter_async_context(
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app),
+                base_url="http://metrics",
+                headers={"Authorization": f"Bearer {TOKEN}"},
+                timeout=60,
+            )
+        )
+        registry = app.state.metrics.registry
+        params = {"promotion_id": promotion, "group_by": "wave"}
+        first_consumed: float | None = None
+        peak_lag = 0.0
+        counted: dict[str, int] = {}
+        deadline = time.perf_counter() + args.timeout
+        done_at: float | None = None
+        next_funnel = 0.0
+        while time.perf_counter() < deadline:
+            now = time.perf_counter()
+            if first_consumed is None and sample(registry, "afterglow_bus_messages_consumed_total"):
+                first_consumed = now
+            peak_lag = max(peak_lag, sample(registry, "afterglow_bus_consumer_lag"))
+            if first_consumed is not None and now >= next_funnel:
+                answer = await client.get("/v1/funnel", params=params)
+                counted = totals(answer.json()["rows"])
+                if counted == expected:
+                    done_at = time.perf_counter()
+                    break
+                next_funnel = time.perf_counter() + args.poll
+            await asyncio.sleep(0.02)
+        figures["counted"] = counted
+        figures["peak_lag"] = peak_lag
+        figures["consumed"] = sample(registry, "afterglow_bus_messages_consumed_total")
+        if done_at is not None and first_consumed is not None:
+            figures["aggregate_s"] = done_at - first_consumed
+            figures["catch_up_s"] = done_at - app_started
+            figures["startup_s"] = first_consumed - app_started
+
+        latencies: dict[str, list[float]] = {}
+        for group_by in ("wave", "wave,channel"):
+            spent: list[float] = []
+            for _ in range(args.calls):
+                t0 = time.perf_counter()
+                answer = await client.get(
+                    "/v1/funnel", params={"promotion_id": promotion, "group_by": group_by}
+                )
+                spent.append(time.perf_counter() - t0)
+                answer.raise_for_status()
+            latencies[group_by] = spent
+        figures["latencies"] = latencies
+    return figures
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    base = os.environ.get("AFTERGLOW_DATABASE_URL", "")
+    bootstrap = os.environ.get("AFTERGLOW_KAFKA_BOOTSTRAP_SERVERS", "")
+    if not base.startswith("postgresql") or not bootstrap:
+        raise SystemExit(
+            "AFTERGLOW_DATABASE_URL (PostgreSQL) and AFTERGLOW_KAFKA_BOOTSTRAP_SERVERS are needed "
+            "(run `make up`, then `set -a; . .run/env; set +a`)"
+        )
+    name = f"bench_metrics_{uuid.uuid4().hex[:8]}"
+    admin = create_async_engine(base, isolation_level="AUTOCOMMIT")
+    async with admin.connect() as conn:
+        await conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = make_url(base).set(database=name).render_as_string(hide_password=False)
+    try:
+        return await main_async(args, url, bootstrap)
+    finally:
+        async with admin.connect() as conn:
+            await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        await admin.dispose()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--participants", type=int, default=100_000)
+    parser.add_argument("--batch", type=int, default=1000, help="messages per publish call")
+    parser.add_argument("--calls", type=int, default=20, help="funnel calls per group_by")
+    parser.add_argument("--poll", type=float, default=0.5, help="seconds between funnel polls")
+    parser.add_argument("--timeout", type=float, default=1800, help="give up counting after")
+    args = parser.parse_args()
+    f = asyncio.run(run(args))
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    events = f["events"]
+    print(
+        f"metrics: PostgreSQL + Kafka, one process, {args.participants:,} participants, "
+        f"{events:,} events (2 waves planned+sent, opens, clicks, purchases)"
+    )
+    print(f"  encoded   {f['encode_s']:>10.1f} s")
+    print(f"  published {events / f['publish_s']:>10,.0f} events/s (batches of {args.batch})")
+    if "aggregate_s" in f:
+        print(
+            f"  aggregated {events / f['aggregate_s']:>9,.0f} events/s "
+            f"({f['aggregate_s']:.1f} s from first event consumed to all counted)"
+        )
+        print(
+            f"  catch-up  {f['catch_up_s']:>10.1f} s from app start, backlog of {events:,} "
+            f"(startup {f['startup_s']:.1f} s)"
+        )
+    else:
+        print(f"  NOT all counted after {args.timeout:.0f} s: {f['counted']} of {f['expected']}")
+    print(f"  peak lag  {f['peak_lag']:>10,.0f} messages (consumer lag gauge, all partitions)")
+    for group_by, spent in f["latencies"].items():
+        p50 = statistics.median(spent) * 1000
+        p99 = percentile(spent, 0.99) * 1000
+        print(
+            f"  funnel group_by={group_by:<12} p50 {p50:>7.1f} ms  p99 {p99:>7.1f} ms "
+            f"({len(spent)} calls)"
+        )
+    print(f"  peak RSS  {peak_mb:>10,.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
