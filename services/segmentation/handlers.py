@@ -398,30 +398,8 @@ async def segment(ctx: ServiceContext, user_id: str) -> domain.Segment | None:
     """The user's segment now, or None when nothing is known about them."""
     config = config_of(ctx)
     now = ctx.clock.now()
-    u, a, s = store.users.c, store.aggregates.c, store.user_scores.c
     async with ctx.db.connect() as conn:
-        row = (
-            await conn.execute(
-                select(
-                    a.user_id,
-                    u.birth_year,
-                    a.purchases,
-                    a.monetary,
-                    a.ltv,
-                    a.last_purchase_at,
-                    a.last_interaction_at,
-                    a.abuse_review,
-                    s.value_layer.label("ranked_layer"),
-                    s.ltv.label("ranked_ltv"),
-                )
-                .select_from(
-                    store.aggregates.outerjoin(store.users, u.user_id == a.user_id).outerjoin(
-                        store.user_scores, s.user_id == a.user_id
-                    )
-                )
-                .where(a.user_id == user_id)
-            )
-        ).one_or_none()
+        row = (await conn.execute(store.segment_query(user_id))).one_or_none()
         if row is None:
             return None
         ranking = await current_ranking(conn)

@@ -616,26 +616,41 @@ async def erased_among(conn: AsyncConnection, user_ids: Sequence[str]) -> dict[s
     return {row.user_id: row.erased_at for row in rows}
 
 
+def _scoring_columns() -> list[Any]:
+    """What a segment is computed from: profile age, kept aggregates, the last ranking."""
+    u, a, s = users.c, aggregates.c, user_scores.c
+    return [
+        u.birth_year,
+        a.purchases,
+        a.monetary,
+        a.ltv,
+        a.last_purchase_at,
+        a.last_interaction_at,
+        a.abuse_review,
+        s.value_layer.label("ranked_layer"),
+        s.ltv.label("ranked_ltv"),
+    ]
+
+
+def segment_query(user_id: str) -> Any:
+    """One user's scoring inputs; no row when nothing is known about them."""
+    u, a, s = users.c, aggregates.c, user_scores.c
+    return (
+        select(a.user_id, *_scoring_columns())
+        .select_from(
+            aggregates.outerjoin(users, u.user_id == a.user_id).outerjoin(
+                user_scores, s.user_id == a.user_id
+            )
+        )
+        .where(a.user_id == user_id)
+    )
+
+
 def audience_query(promotion_id: str, cursor: str | None, limit: int) -> Any:
     """One chunk of participants with everything their snapshot needs, in user id order."""
     p, u, a, s = participants.c, users.c, aggregates.c, user_scores.c
     query = (
-        select(
-            p.user_id,
-            u.birth_year,
-            u.timezone,
-            u.locale,
-            u.addresses,
-            u.consent,
-            a.purchases,
-            a.monetary,
-            a.ltv,
-            a.last_purchase_at,
-            a.last_interaction_at,
-            a.abuse_review,
-            s.value_layer.label("ranked_layer"),
-            s.ltv.label("ranked_ltv"),
-        )
+        select(p.user_id, u.timezone, u.locale, u.addresses, u.consent, *_scoring_columns())
         .select_from(
             participants.outerjoin(users, u.user_id == p.user_id)
             .outerjoin(aggregates, a.user_id == p.user_id)
