@@ -3,6 +3,7 @@ planning from audience events, and what users, engagements and deliveries change
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -29,6 +30,7 @@ from shared.events import (
     Event,
     PromotionCancelled,
     PromotionEnded,
+    Reason,
     TouchSuppressed,
     UserErased,
     UserUpdated,
@@ -153,7 +155,7 @@ async def cancel_promotion(ctx: ServiceContext, promotion_id: str) -> int | None
     while True:
         async with ctx.db.begin() as conn:
             query = (
-                select(t.c.touch_id, t.c.user_id, t.c.wave, t.c.variant)
+                select(t.c.touch_id, t.c.user_id, t.c.promotion_id, t.c.wave, t.c.variant)
                 .where(t.c.promotion_id == promotion_id, t.c.status == "planned")
                 .limit(CANCEL_CHUNK)
             )
@@ -162,27 +164,7 @@ async def cancel_promotion(ctx: ServiceContext, promotion_id: str) -> int | None
             rows = (await conn.execute(query)).all()
             if not rows:
                 break
-            await conn.execute(
-                update(t)
-                .where(t.c.touch_id.in_([r.touch_id for r in rows]), t.c.status == "planned")
-                .values(status="cancelled", reason="cancelled", updated_at=now)
-            )
-            await ctx.outbox.add(
-                conn,
-                [
-                    TouchSuppressed(
-                        touch_id=r.touch_id,
-                        user_id=r.user_id,
-                        promotion_id=promotion_id,
-                        wave=r.wave,
-                        variant=r.variant,
-                        reason="cancelled",
-                        at=now,
-                    )
-                    for r in rows
-                ],
-                now=now,
-            )
+            await _close_pending(ctx, conn, rows, status="cancelled", reason="cancelled", now=now)
             cancelled += len(rows)
         ctx.outbox.notify()
     ctx.outbox.notify()
@@ -245,35 +227,49 @@ async def on_user_erased(ctx: ServiceContext, event: Event[Any]) -> None:
         )
         pending = (
             await conn.execute(
-                select(t.c.touch_id, t.c.promotion_id, t.c.wave, t.c.variant).where(
+                select(t.c.touch_id, t.c.user_id, t.c.promotion_id, t.c.wave, t.c.variant).where(
                     t.c.user_id == data.user_id, t.c.status == "planned"
                 )
             )
         ).all()
         if not pending:
             return
-        await conn.execute(
-            update(t)
-            .where(t.c.user_id == data.user_id, t.c.status == "planned")
-            .values(status="suppressed", reason="erased", updated_at=now)
-        )
-        await ctx.outbox.add(
-            conn,
-            [
-                TouchSuppressed(
-                    touch_id=r.touch_id,
-                    user_id=data.user_id,
-                    promotion_id=r.promotion_id,
-                    wave=r.wave,
-                    variant=r.variant,
-                    reason="erased",
-                    at=now,
-                )
-                for r in pending
-            ],
-            now=now,
-        )
+        await _close_pending(ctx, conn, pending, status="suppressed", reason="erased", now=now)
     ctx.outbox.notify()
+
+
+async def _close_pending(
+    ctx: ServiceContext,
+    conn: AsyncConnection,
+    rows: Sequence[Any],
+    *,
+    status: str,
+    reason: Reason,
+    now: datetime,
+) -> None:
+    """End planned touches for good and say so on `touches`, in the caller's transaction."""
+    t = store.touches
+    await conn.execute(
+        update(t)
+        .where(t.c.touch_id.in_([r.touch_id for r in rows]), t.c.status == "planned")
+        .values(status=status, reason=reason, updated_at=now)
+    )
+    await ctx.outbox.add(
+        conn,
+        [
+            TouchSuppressed(
+                touch_id=r.touch_id,
+                user_id=r.user_id,
+                promotion_id=r.promotion_id,
+                wave=r.wave,
+                variant=r.variant,
+                reason=reason,
+                at=now,
+            )
+            for r in rows
+        ],
+        now=now,
+    )
 
 
 # -- engagements and deliveries ---------------------------------------------------
