@@ -70,6 +70,10 @@ test: lint typecheck up ## everything CI runs: lint, types, every test tier on r
 demo: $(STAMP) ## embedded mode: four services, in-process bus, SQLite, one report
 	$(VENV)/bin/afterglow demo
 
+.PHONY: run
+run: $(STAMP) up ## the four services as processes on Kafka and PostgreSQL (ports 8001-8004, logs in .run/logs)
+	set -a; . .run/env; set +a; $(VENV)/bin/afterglow run --logs .run/logs
+
 .PHONY: bench-bus
 bench-bus: $(STAMP) up ## bus throughput: events/s produced and consumed through Kafka
 	set -a; . .run/env; set +a; $(PY) -m benchmarks.bus

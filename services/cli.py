@@ -45,6 +45,16 @@ def _demo(args: argparse.Namespace) -> int:
     return asyncio.run(run_demo(users=args.users, serve=args.serve, workdir=args.workdir))
 
 
+def _run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from services.stack import run_stack
+
+    return asyncio.run(
+        run_stack(logs=Path(args.logs), sandbox=args.sandbox, fail_share=args.fail_share)
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="afterglow", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -58,6 +68,20 @@ def main(argv: list[str] | None = None) -> int:
     migrate = commands.add_parser("migrate", help="apply database migrations")
     migrate.add_argument("service", nargs="?", default="all", choices=(*SERVICES, "all"))
     migrate.set_defaults(run=_migrate)
+
+    run = commands.add_parser(
+        "run", help="the four services as separate processes (Kafka and PostgreSQL from env)"
+    )
+    run.add_argument("--logs", default=".run/logs", help="one <service>.log each (.run/logs)")
+    run.add_argument(
+        "--sandbox",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run the sandbox provider for every channel (default: when no "
+        "AFTERGLOW_PROVIDER_<CHANNEL>_URL is set)",
+    )
+    run.add_argument("--fail-share", type=float, default=0.02, help="sandbox failures (0.02)")
+    run.set_defaults(run=_run)
 
     demo = commands.add_parser("demo", help="embedded mode: all four services in one process")
     demo.add_argument("--users", type=int, default=500)
