@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from http import HTTPStatus
@@ -110,7 +111,87 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
     return Problem(500, "an unexpected error occurred; it has been logged").to_response()
 
 
+NUL_MESSAGE = "text must not contain the NUL character (U+0000)"
+
+
+def _nul_path(value: Any, loc: tuple[str | int, ...] = ()) -> tuple[str | int, ...] | None:
+    """Where in a parsed JSON document a string (value or key) holds U+0000, if anywhere."""
+    if isinstance(value, str):
+        return loc if "\x00" in value else None
+    if not isinstance(value, (dict, list)):
+        return None
+    items: Any = value.items() if isinstance(value, dict) else enumerate(value)
+    for key, item in items:
+        if isinstance(key, str) and "\x00" in key:
+            return (*loc, key)
+        found = _nul_path(item, (*loc, key))
+        if found is not None:
+            return found
+    return None
+
+
+class RefuseNul:
+    """Refuse U+0000 anywhere in a request's path, query or JSON body with a 422 naming where.
+
+    PostgreSQL text cannot hold it, so without this a NUL in any identifier would reach the
+    database and fail there as a 500. The body is only parsed when its bytes contain the JSON
+    escape `\\u0000`; the bytes reach the app unchanged (signatures over the raw body hold).
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        where: str | None = None
+        if "\x00" in scope.get("path", ""):
+            where = "path"
+        elif b"%00" in scope.get("query_string", b""):
+            where = "query"
+        if where is not None:
+            await self._refuse(where, None, scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                await self.app(scope, _replay([message], receive), send)
+                return
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        if b"\\u0000" in body:
+            try:
+                loc = _nul_path(json.loads(body))
+            except ValueError:
+                loc = None  # not JSON: the app's own parsing says so
+            if loc is not None:
+                await self._refuse("body", field_path(loc) or None, scope, receive, send)
+                return
+        await self.app(scope, _replay([{"type": "http.request", "body": body}], receive), send)
+
+    @staticmethod
+    async def _refuse(
+        location: str, field: str | None, scope: Any, receive: Any, send: Any
+    ) -> None:
+        where = f"{location}.{field}" if field else location
+        error = {"field": field, "location": location, "message": NUL_MESSAGE}
+        problem = Problem(422, f"{where}: {NUL_MESSAGE}", field=field, errors=[error])
+        await problem.to_response()(scope, receive, send)
+
+
+def _replay(messages: list[Any], receive: Any) -> Any:
+    async def replayed() -> Any:
+        return messages.pop(0) if messages else await receive()
+
+    return replayed
+
+
 def install_problem_handlers(app: FastAPI) -> None:
+    app.add_middleware(RefuseNul)
     app.add_exception_handler(Problem, _problem)
     app.add_exception_handler(HTTPException, _http)
     app.add_exception_handler(RequestValidationError, _validation)
