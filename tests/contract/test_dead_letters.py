@@ -1,7 +1,9 @@
 """The dead-letter policy of shared/consumer.py, on the in-process bus and on real Kafka.
 
-A message that is not a known, valid event lands on `<topic>.dlq` with the
-reason in its headers while the consumer goes on; a handler failing for good
+A message that is not a known, valid event (not JSON, not a CloudEvent, a bad envelope, an
+unknown type or schema version, invalid data, too large) lands on `<topic>.dlq` with the
+reason in its headers while the consumer goes on; one far over Kafka's limit never enters
+Kafka (the publisher gets a clear error); a handler failing for good
 is dead-lettered after its attempts; a transient failure is retried, not
 dead-lettered.
 """
@@ -17,8 +19,8 @@ from typing import Any
 import orjson
 import pytest
 
-from shared.bus import Bus, Message, OutMessage
-from shared.consumer import MAX_EVENT_BYTES, EventConsumer
+from shared.bus import Bus, Message, OutMessage, PublishError
+from shared.consumer import DLQ_KEEP_BYTES, MAX_EVENT_BYTES, EventConsumer
 from shared.events import Event, PromotionCancelled, PromotionEnded, default_registry, encode
 
 from .conftest import TEST_BACKOFF, BusFactory
@@ -112,6 +114,8 @@ async def test_malformed_messages_go_to_the_dlq_and_the_consumer_goes_on(
 
     bad = {
         "not_json": b"{not json",
+        "not_cloudevent": b'["a", "list"]',
+        "invalid_envelope": orjson.dumps({**orjson.loads(ended("p-x")), "specversion": "0.3"}),
         "unknown_version": with_type("afterglow.promotion.ended.v99"),
         "unknown_type": with_type("afterglow.promotion.exploded.v1"),
         "invalid_data": orjson.dumps({**orjson.loads(ended("p-x")), "data": {"name": "x"}}),
@@ -132,6 +136,66 @@ async def test_malformed_messages_go_to_the_dlq_and_the_consumer_goes_on(
     assert dead[0].value == bad["not_json"], "the original message is kept for inspection"
     assert dead[-1].header("dlq.truncated") == b"true"
     assert sorted(sink.dead) == sorted((topic, reason) for reason in bad)
+
+
+FIVE_MB = 5 * 1024 * 1024
+
+
+async def test_a_5_mb_message_is_refused_by_kafka_and_dead_lettered_in_process(
+    bus_factory: BusFactory, unique: str
+) -> None:
+    """What the system does with a message far over the limit.
+
+    Kafka never carries it: our publisher refuses it before sending (the producer's
+    max_request_size, 1 MiB) with a PublishError naming the topic and the size, and a foreign
+    producer configured for bigger requests is refused by the broker (message.max.bytes,
+    1 MiB by default). The in-process bus has no limit, so there it reaches the consumer and
+    is dead-lettered as `too_large`, truncated. Either way the next good message is handled.
+    """
+    bus = await bus_factory()
+    topic = f"dlq-huge-{unique}"
+    await bus.ensure_topics([topic, f"{topic}.dlq"])
+    handled: list[str] = []
+
+    async def handle(event: Event[Any]) -> None:
+        handled.append(event.data.promotion_id)
+
+    sink = Counting()
+    await start_consumer(bus, topic, f"g-{unique}", handle, sink)
+    dead = await collect(bus, f"{topic}.dlq", f"dlq-reader-{unique}")
+    huge = b'{"padding": "' + b"x" * FIVE_MB + b'"}'
+
+    if bus_factory.is_kafka:
+        with pytest.raises(
+            PublishError, match=rf"{topic}.*MessageSizeTooLarge.*larger than the maximum request"
+        ):
+            await bus.publish([OutMessage(topic, "k", huge)])
+        from aiokafka import AIOKafkaProducer
+        from aiokafka.errors import MessageSizeTooLargeError
+
+        foreign = AIOKafkaProducer(
+            bootstrap_servers=bus_factory.bootstrap, max_request_size=2 * FIVE_MB
+        )
+        await foreign.start()
+        try:
+            with pytest.raises(MessageSizeTooLargeError):
+                await foreign.send_and_wait(topic, huge, key=b"k")
+        finally:
+            await foreign.stop()
+    else:
+        await bus.publish([OutMessage(topic, "k", huge)])
+    await bus.publish([OutMessage(topic, "k", ended("p-after-huge"))])
+
+    await eventually(lambda: handled == ["p-after-huge"], "the good message after the huge one")
+    if bus_factory.is_kafka:
+        assert sink.dead == [], "nothing reached the consumer, so nothing was dead-lettered"
+        return
+    await eventually(lambda: len(dead) == 1, "the huge message on the dlq")
+    assert dead[0].header("dlq.reason") == b"too_large"
+    assert str(len(huge)).encode() in (dead[0].header("dlq.detail") or b"")
+    assert dead[0].header("dlq.truncated") == b"true"
+    assert dead[0].value == huge[:DLQ_KEEP_BYTES], "the head is kept for inspection"
+    assert sink.dead == [(topic, "too_large")]
 
 
 async def test_a_handler_failing_for_good_is_dead_lettered_after_its_attempts(
