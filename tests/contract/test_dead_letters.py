@@ -97,11 +97,10 @@ async def _stop_consumers() -> Any:
         await collect.consumers.pop().stop()  # type: ignore[attr-defined]
 
 
-async def test_malformed_messages_go_to_the_dlq_and_the_consumer_goes_on(
-    bus_factory: BusFactory, unique: str
-) -> None:
-    bus = await bus_factory()
-    topic = f"dlq-malformed-{unique}"
+async def watched_topic(
+    bus: Bus, topic: str, unique: str
+) -> tuple[str, list[str], Counting, list[Message]]:
+    """A topic with a consumer recording the promotion ids it handled and a dlq reader."""
     await bus.ensure_topics([topic, f"{topic}.dlq"])
     handled: list[str] = []
 
@@ -111,6 +110,14 @@ async def test_malformed_messages_go_to_the_dlq_and_the_consumer_goes_on(
     sink = Counting()
     await start_consumer(bus, topic, f"g-{unique}", handle, sink)
     dead = await collect(bus, f"{topic}.dlq", f"dlq-reader-{unique}")
+    return topic, handled, sink, dead
+
+
+async def test_malformed_messages_go_to_the_dlq_and_the_consumer_goes_on(
+    bus_factory: BusFactory, unique: str
+) -> None:
+    bus = await bus_factory()
+    topic, handled, sink, dead = await watched_topic(bus, f"dlq-malformed-{unique}", unique)
 
     bad = {
         "not_json": b"{not json",
@@ -153,16 +160,7 @@ async def test_a_5_mb_message_is_refused_by_kafka_and_dead_lettered_in_process(
     is dead-lettered as `too_large`, truncated. Either way the next good message is handled.
     """
     bus = await bus_factory()
-    topic = f"dlq-huge-{unique}"
-    await bus.ensure_topics([topic, f"{topic}.dlq"])
-    handled: list[str] = []
-
-    async def handle(event: Event[Any]) -> None:
-        handled.append(event.data.promotion_id)
-
-    sink = Counting()
-    await start_consumer(bus, topic, f"g-{unique}", handle, sink)
-    dead = await collect(bus, f"{topic}.dlq", f"dlq-reader-{unique}")
+    topic, handled, sink, dead = await watched_topic(bus, f"dlq-huge-{unique}", unique)
     huge = b'{"padding": "' + b"x" * FIVE_MB + b'"}'
 
     if bus_factory.is_kafka:
