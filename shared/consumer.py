@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 
 EventHandler = Callable[[Event[Any]], Awaitable[None]]
 # Several consecutive events of one type from one partition, in order, in one call:
-# the way to one transaction and one bulk write for many events.
+# the way to one transaction and one bulk write for many events. Consecutive events of
+# several types mapped to the very same handler object come together in one call too.
 BatchEventHandler = Callable[[list[Event[Any]]], Awaitable[None]]
 
 # Below Kafka's default message limit (1 MiB) so that a dead letter with its headers fits.
@@ -94,12 +95,17 @@ class EventConsumer:
             if event is None or type(event.data) not in self.handlers:
                 # Topics carry several event types; the ones this service does not need pass by.
                 continue
-            if run and type(run[0][1].data) is not type(event.data):
+            if run and not self._same_run(type(run[0][1].data), type(event.data)):
                 await self._dispatch(run)
                 run = []
             run.append((message, event))
         if run:
             await self._dispatch(run)
+
+    def _same_run(self, a: type[EventData], b: type[EventData]) -> bool:
+        """One type, or several types served by one batch handler (a mixed batch in one call)."""
+        handler = self.batch_handlers.get(a)
+        return a is b or (handler is not None and handler is self.batch_handlers.get(b))
 
     async def _decode(self, message: Message) -> Event[Any] | None:
         try:
