@@ -1,7 +1,8 @@
 """Metrics aggregation on PostgreSQL and Kafka (issue 6): events/s counted by one metrics
 process, catch-up behind the newest event, and `GET /v1/funnel` latency.
 
-    python -m benchmarks.metrics [--participants 100000] [--batch 1000] [--calls 20]
+    python -m benchmarks.metrics [--participants 100000] [--funnel-participants 1000000]
+                                 [--batch 1000] [--calls 20] [--json PATH]
 
 Per participant: touch.planned for two waves (launch, day3), delivery.sent for each, an
 engagement "opened" for 30% of sends and "clicked" for 10%, and a purchase
@@ -10,6 +11,22 @@ encoded up front and published to Kafka (batches of `--batch`) before the metric
 so the app works through a backlog: events/s runs from the first event consumed until the
 funnel shows every count; catch-up is the time from the app's start (all events already
 published) until then, and the peak consumer lag is read from the app's metrics registry.
+
+Funnel latency at `--funnel-participants` (default 1,000,000): counting that many through
+Kafka would take long, so a second promotion's aggregate rows (`minute_counts`, the only
+table `GET /v1/funnel` reads) are written directly, the rows counting that stream yields
+(`seed_rows`, the same keys and values as the handlers produce for `build`; the benchmark
+checks that model against the counted promotion's rows, channel aside, first), then the
+funnel is timed on it.
+
+`--json PATH` also writes the figures as one flat JSON object:
+participants, events, encode_s, publish_events_per_s, all_counted (bool),
+aggregate_events_per_s, aggregate_s, catch_up_s, startup_s (these four null when not all
+counted), peak_lag, seed_model_matches (bool), funnel_p50_ms / funnel_p99_ms (group_by=wave,
+at `participants`), funnel_channel_p50_ms / funnel_channel_p99_ms (group_by=wave,channel),
+funnel_participants, funnel_rows (aggregate rows of that promotion),
+big_funnel_p50_ms / big_funnel_p99_ms (group_by=wave, at funnel_participants),
+big_funnel_channel_p50_ms / big_funnel_channel_p99_ms, peak_rss_mb.
 
 Needs AFTERGLOW_DATABASE_URL (PostgreSQL) and AFTERGLOW_KAFKA_BOOTSTRAP_SERVERS (`make up`).
 Creates and drops a database of its own; uses a unique topic prefix. Prints figures;
@@ -21,6 +38,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import math
 import os
 import resource
@@ -28,13 +46,15 @@ import statistics
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
-from sqlalchemy import text
+from sqlalchemy import select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from services.metrics import store
 from services.metrics.app import create_app
 from shared.bus import OutMessage
 from shared.bus.kafka import KafkaBus
@@ -109,12 +129,104 @@ def build(participants: int, promotion: str, topic: Any) -> tuple[list[OutMessag
     return out, expected
 
 
+def seed_rows(participants: int, promotion: str) -> list[dict[str, Any]]:
+    """The `minute_counts` rows counting `build(participants)` yields, without counting it."""
+    sums: dict[tuple[datetime, str, str, str, str], float] = {}
+
+    def add(at: datetime, wave: str, channel: str, segment: str, measure: str, v: float) -> None:
+        key = (at.replace(second=0, microsecond=0), wave, channel, segment, measure)
+        sums[key] = sums.get(key, 0.0) + v
+
+    for i in range(participants):
+        channel = CHANNELS[i % len(CHANNELS)]
+        segment = SEGMENTS[(i // 7) % len(SEGMENTS)]
+        base = START + timedelta(minutes=i % 1440)
+        for wave, offset in WAVES:
+            due = base + offset
+            add(due - timedelta(hours=1), wave, "", segment, "planned", 1)
+            for measure, v in (("sends", 1.0), ("sent", 1.0), ("cost", 0.01)):
+                add(due, wave, channel, segment, measure, v)
+            roll = (i * 31 + len(wave)) % 100
+            if roll < 30:
+                add(due + timedelta(minutes=5), wave, channel, segment, "opened", 1)
+            if roll < 10:
+                add(due + timedelta(minutes=6), wave, channel, segment, "clicked", 1)
+        if i % 20 == 0:  # bought an hour after the launch send: credited to it
+            for measure, v in (("orders", 1.0), ("revenue", 25.0), ("converted", 1.0)):
+                add(base, "launch", channel, segment, measure, v)
+    return [
+        {
+            "promotion_id": promotion,
+            "minute": k[0],
+            "wave": k[1],
+            "channel": k[2],
+            "segment": k[3],
+            "variant": "",
+            "measure": k[4],
+            "value": v,
+        }
+        for k, v in sums.items()
+    ]
+
+
+def by_key(rows: Any) -> dict[tuple[Any, ...], float]:
+    """Sums per minute, wave, segment and measure: the channel of "planned" is whichever
+    send was counted first (order across topics varies), so the model leaves channel out."""
+    out: dict[tuple[Any, ...], float] = {}
+    for r in rows:
+        key = (r["minute"], r["wave"], r["segment"], r["variant"], r["measure"])
+        out[key] = round(out.get(key, 0.0) + r["value"], 6)
+    return {k: v for k, v in out.items() if v}
+
+
+async def counted_rows(url: str, promotion: str) -> dict[tuple[Any, ...], float]:
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+            found = await conn.execute(
+                select(store.minute_counts).where(store.minute_counts.c.promotion_id == promotion)
+            )
+            return by_key(r._mapping for r in found.all())
+    finally:
+        await engine.dispose()
+
+
+async def seed(url: str, rows: list[dict[str, Any]]) -> None:
+    engine = create_async_engine(url)
+    try:
+        async with engine.begin() as conn:
+            for first in range(0, len(rows), 5000):
+                await conn.execute(store.minute_counts.insert(), rows[first : first + 5000])
+            await conn.execute(text("ANALYZE metrics.minute_counts"))
+    finally:
+        await engine.dispose()
+
+
+async def time_funnel(
+    client: httpx.AsyncClient, promotion: str, calls: int
+) -> dict[str, list[float]]:
+    latencies: dict[str, list[float]] = {}
+    for group_by in ("wave", "wave,channel"):
+        spent: list[float] = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            answer = await client.get(
+                "/v1/funnel", params={"promotion_id": promotion, "group_by": group_by}
+            )
+            spent.append(time.perf_counter() - t0)
+            answer.raise_for_status()
+        latencies[group_by] = spent
+    return latencies
+
+
 def totals(rows: list[dict[str, Any]]) -> dict[str, int]:
     return {m: int(sum(r.get(m) or 0 for r in rows)) for m in MEASURES}
 
 
 def sample(registry: Any, name: str) -> float:
-    return sum(s.value for metric in registry.collect() for s in metric.samples if s.name == name)
+    return float(
+        sum(s.value for metric in registry.collect() for s in metric.samples if s.name == name)
+    )
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -198,18 +310,14 @@ async def main_async(args: argparse.Namespace, url: str, bootstrap: str) -> dict
             figures["catch_up_s"] = done_at - app_started
             figures["startup_s"] = first_consumed - app_started
 
-        latencies: dict[str, list[float]] = {}
-        for group_by in ("wave", "wave,channel"):
-            spent: list[float] = []
-            for _ in range(args.calls):
-                t0 = time.perf_counter()
-                answer = await client.get(
-                    "/v1/funnel", params={"promotion_id": promotion, "group_by": group_by}
-                )
-                spent.append(time.perf_counter() - t0)
-                answer.raise_for_status()
-            latencies[group_by] = spent
-        figures["latencies"] = latencies
+        figures["latencies"] = await time_funnel(client, promotion, args.calls)
+        model = by_key(seed_rows(args.participants, promotion))
+        figures["seed_model_matches"] = model == await counted_rows(url, promotion)
+        big = "p-bench-big"
+        rows = seed_rows(args.funnel_participants, big)
+        await seed(url, rows)
+        figures["funnel_rows"] = len(rows)
+        figures["big_latencies"] = await time_funnel(client, big, args.calls)
     return figures
 
 
@@ -241,9 +349,52 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=20, help="funnel calls per group_by")
     parser.add_argument("--poll", type=float, default=0.5, help="seconds between funnel polls")
     parser.add_argument("--timeout", type=float, default=1800, help="give up counting after")
+    parser.add_argument(
+        "--funnel-participants",
+        type=int,
+        default=1_000_000,
+        help="participants of the promotion whose funnel latency is measured on seeded rows",
+    )
+    parser.add_argument("--json", type=Path, help="also write the figures here (flat JSON)")
     args = parser.parse_args()
     f = asyncio.run(run(args))
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    report(args, f, peak_mb)
+    if args.json is not None:
+        args.json.write_text(json.dumps(flat(args, f, peak_mb), indent=2) + "\n")
+
+
+def ms(spent: list[float]) -> tuple[float, float]:
+    return statistics.median(spent) * 1000, percentile(spent, 0.99) * 1000
+
+
+def flat(args: argparse.Namespace, f: dict[str, Any], peak_mb: float) -> dict[str, Any]:
+    events = f["events"]
+    done = "aggregate_s" in f
+    out: dict[str, Any] = {
+        "participants": args.participants,
+        "events": events,
+        "encode_s": round(f["encode_s"], 3),
+        "publish_events_per_s": round(events / f["publish_s"]),
+        "all_counted": done,
+        "aggregate_events_per_s": round(events / f["aggregate_s"]) if done else None,
+        "aggregate_s": round(f["aggregate_s"], 3) if done else None,
+        "catch_up_s": round(f["catch_up_s"], 3) if done else None,
+        "startup_s": round(f["startup_s"], 3) if done else None,
+        "peak_lag": f["peak_lag"],
+        "seed_model_matches": f["seed_model_matches"],
+        "funnel_participants": args.funnel_participants,
+        "funnel_rows": f["funnel_rows"],
+        "peak_rss_mb": round(peak_mb),
+    }
+    for prefix, latencies in (("funnel", f["latencies"]), ("big_funnel", f["big_latencies"])):
+        for group_by, name in (("wave", prefix), ("wave,channel", f"{prefix}_channel")):
+            p50, p99 = ms(latencies[group_by])
+            out[f"{name}_p50_ms"], out[f"{name}_p99_ms"] = round(p50, 2), round(p99, 2)
+    return out
+
+
+def report(args: argparse.Namespace, f: dict[str, Any], peak_mb: float) -> None:
     events = f["events"]
     print(
         f"metrics: PostgreSQL + Kafka, one process, {args.participants:,} participants, "
@@ -263,13 +414,22 @@ def main() -> None:
     else:
         print(f"  NOT all counted after {args.timeout:.0f} s: {f['counted']} of {f['expected']}")
     print(f"  peak lag  {f['peak_lag']:>10,.0f} messages (consumer lag gauge, all partitions)")
-    for group_by, spent in f["latencies"].items():
-        p50 = statistics.median(spent) * 1000
-        p99 = percentile(spent, 0.99) * 1000
-        print(
-            f"  funnel group_by={group_by:<12} p50 {p50:>7.1f} ms  p99 {p99:>7.1f} ms "
-            f"({len(spent)} calls)"
-        )
+    for label, latencies in (
+        (f"{args.participants:,} participants", f["latencies"]),
+        (
+            f"{args.funnel_participants:,} participants ({f['funnel_rows']:,} seeded rows)",
+            f["big_latencies"],
+        ),
+    ):
+        print(f"  funnel at {label}:")
+        for group_by, spent in latencies.items():
+            p50, p99 = ms(spent)
+            print(
+                f"    group_by={group_by:<12} p50 {p50:>7.1f} ms  p99 {p99:>7.1f} ms "
+                f"({len(spent)} calls)"
+            )
+    matches = "yes" if f["seed_model_matches"] else "NO"
+    print(f"  seeding model matches the counted rows: {matches}")
     print(f"  peak RSS  {peak_mb:>10,.0f} MB")
 
 
