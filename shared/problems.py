@@ -97,8 +97,17 @@ async def _http(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     detail: str | None = exc.detail if isinstance(exc.detail, str) else None
     if detail == _phrase(exc.status_code):
-        detail = None
+        detail = _ROUTING_DETAILS.get(exc.status_code)
+        if exc.status_code == 405 and exc.headers and "Allow" in exc.headers:
+            detail = f"{request.method} is not allowed here; allowed: {exc.headers['Allow']}"
     return Problem(exc.status_code, detail, headers=exc.headers).to_response()
+
+
+# What the router's own errors (no route, wrong method) mean; the path is not echoed back.
+_ROUTING_DETAILS = {
+    404: "no route matches this path (the API is described at /docs)",
+    405: "this method is not allowed on this path",
+}
 
 
 async def _validation(request: Request, exc: Exception) -> Response:

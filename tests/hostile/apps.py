@@ -4,6 +4,10 @@ scope of the *other* services (the wrong scope)."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+
+import httpx
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
@@ -46,6 +50,21 @@ def settings_for(
         **overrides,
     }
     return Settings(**values)  # type: ignore[arg-type]
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    app: FastAPI, service: str, token: str | None = None
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The app with its lifespan running, and a client to it (with `token` as bearer)."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url=f"http://{service}", headers=headers
+        ) as client,
+    ):
+        yield client
 
 
 def routes(app: FastAPI) -> list[tuple[str, str]]:

@@ -19,21 +19,15 @@ from services.delivery.domain import sign
 from services.registry import build_app
 from shared.problems import PROBLEM_MEDIA_TYPE
 from shared.settings import SERVICES
-from tests.hostile.apps import SIGNED, is_public, routes, settings_for, wrong_token
+from tests.hostile.apps import SIGNED, is_public, routes, serving, settings_for, wrong_token
 
 pytestmark = pytest.mark.timeout(120)
 
 
 @contextlib.asynccontextmanager
 async def running(service: str, tmp_path: Path) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
-    settings = settings_for(service, f"sqlite+aiosqlite:///{tmp_path / service}.db")
-    app = build_app(service, settings)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url=f"http://{service}"
-        ) as client,
-    ):
+    app = build_app(service, settings_for(service, f"sqlite+aiosqlite:///{tmp_path / service}.db"))
+    async with serving(app, service) as client:
         yield app, client
 
 

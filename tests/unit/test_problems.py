@@ -75,7 +75,12 @@ async def test_unknown_path_is_a_404_problem(client: httpx.AsyncClient) -> None:
     response = await client.get("/nowhere")
     assert response.status_code == 404
     assert response.headers["content-type"] == PROBLEM_MEDIA_TYPE
-    assert response.json() == {"type": "about:blank", "title": "Not Found", "status": 404}
+    assert response.json() == {
+        "type": "about:blank",
+        "title": "Not Found",
+        "status": 404,
+        "detail": "no route matches this path (the API is described at /docs)",
+    }
 
 
 async def test_wrong_method_is_a_405_problem_with_allow(client: httpx.AsyncClient) -> None:
@@ -83,6 +88,7 @@ async def test_wrong_method_is_a_405_problem_with_allow(client: httpx.AsyncClien
     assert response.status_code == 405
     assert response.headers["allow"] == "GET"
     assert response.json()["title"] == "Method Not Allowed"
+    assert response.json()["detail"] == "DELETE is not allowed here; allowed: GET"
 
 
 async def test_http_exception_keeps_its_detail(client: httpx.AsyncClient) -> None:
