@@ -114,21 +114,23 @@ def _plan_one(
     plan = domain.plan_member(
         policy,
         domain.Member(
-            user_id=member.user_id,
-            promotion_id=member.promotion_id,
-            ended_at=member.ended_at,
-            timezone=member.timezone,
-            ltv_tier=segment.ltv_tier,
-            value_layer=segment.value_layer,
-            silent=segment.silent,
-            abuse_review=segment.abuse_review,
-            channel_order=tuple(segment.channel_order),
+            member.user_id,
+            member.promotion_id,
+            member.ended_at,
+            member.timezone,
+            segment.ltv_tier,
+            segment.value_layer,
+            segment.silent,
+            segment.abuse_review,
+            tuple(segment.channel_order),
         ),
     )
     order = ",".join(segment.channel_order)
     label = segment.ltv_tier
+    lane = encoder.lane(member.user_id)
+    append = touch_rows.append
     for touch in plan:
-        touch_rows.append(
+        append(
             (
                 touch.touch_id,
                 touch.promotion_id,
@@ -158,16 +160,13 @@ def _plan_one(
             "channel": None,
             "variant": touch.variant,
         }
+        # orjson writes aware datetimes as isoformat() does.
         encoder.add(
             PLANNED_TYPE,
             touch.user_id,
             f"{touch.touch_id}.planned",
-            {
-                **common,
-                "due_at": touch.due_at.isoformat(),
-                "deadline": touch.deadline.isoformat(),
-                "segment": label,
-            },
+            {**common, "due_at": touch.due_at, "deadline": touch.deadline, "segment": label},
+            lane,
         )
         if touch.status == "suppressed":
             encoder.add(
@@ -175,6 +174,7 @@ def _plan_one(
                 touch.user_id,
                 f"{touch.touch_id}.suppressed",
                 {**common, "reason": touch.reason, "at": encoder.time},
+                lane,
             )
 
 

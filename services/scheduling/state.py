@@ -128,7 +128,18 @@ class FastEncoder:
         self.time = now.isoformat()
         self.rows: list[tuple[Any, ...]] = []
 
-    def add(self, event_type: str, key: str, event_id: str, data: dict[str, Any]) -> None:
+    def lane(self, key: str) -> int:
+        return lane_for(key, self.lanes)
+
+    def add(
+        self,
+        event_type: str,
+        key: str,
+        event_id: str,
+        data: dict[str, Any],
+        lane: int | None = None,
+    ) -> None:
+        """One event; `lane` when the caller already knows it (`self.lane(key)`)."""
         body = {
             "specversion": "1.0",
             "id": event_id,
@@ -139,7 +150,15 @@ class FastEncoder:
             "datacontenttype": "application/json",
             "data": data,
         }
-        self.rows.append((lane_for(key, self.lanes), self.topic, key, orjson.dumps(body), self.now))
+        self.rows.append(
+            (
+                lane_for(key, self.lanes) if lane is None else lane,
+                self.topic,
+                key,
+                orjson.dumps(body),
+                self.now,
+            )
+        )
 
 
 # -- locks and bulk writes --------------------------------------------------------

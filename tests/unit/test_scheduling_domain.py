@@ -3,6 +3,7 @@ holdout and variants, the fatigue state machine, and policy validation."""
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime, time, timedelta
 
 import pytest
@@ -31,6 +32,27 @@ def member(user: str = "u-1", tz: str = "UTC", **kwargs: object) -> domain.Membe
 
 def by_wave(touches: list[domain.PlannedTouch]) -> dict[str, domain.PlannedTouch]:
     return {t.wave: t for t in touches}
+
+
+def test_touch_ids_are_the_uuid5_of_promotion_user_and_wave() -> None:
+    for promotion, user, wave in [("p-1", "u-1", "launch"), ("é", "ü\x00 x", "day30")]:
+        expected = uuid.uuid5(domain.TOUCH_NAMESPACE, f"{promotion}\x1f{user}\x1f{wave}")
+        assert domain.touch_id(promotion, user, wave) == str(expected)
+
+
+def test_a_policy_change_plans_with_the_new_figures() -> None:
+    """Planning reads a policy once per tier; a new policy object is read afresh."""
+    changed = POLICY.model_copy(
+        update={
+            "waves": [
+                w.model_copy(update={"after_days": 4}) if w.name == "day3" else w
+                for w in POLICY.waves
+            ]
+        }
+    )
+    first = by_wave(domain.plan_member(POLICY, member()))
+    second = by_wave(domain.plan_member(changed, member()))
+    assert second["day3"].due_at - first["day3"].due_at == timedelta(days=1)
 
 
 def test_the_default_policy_carries_the_domain_figures() -> None:
