@@ -105,3 +105,7 @@ bench-scheduling: $(STAMP) up ## scheduling: plan N x 5 waves on PostgreSQL, dis
 .PHONY: bench-metrics
 bench-metrics: $(STAMP) up ## metrics: events/s aggregated on one process and funnel p50/p99 (PARTICIPANTS=100000)
 	set -a; . .run/env; set +a; $(PY) -m benchmarks.metrics --participants $${PARTICIPANTS:-100000}
+
+.PHONY: bench
+bench: $(STAMP) up ## every benchmark at 10k, 100k and 1M participants: one table, .run/bench/report.json (SIZES=10000 for a quick run)
+	set -a; . .run/env; set +a; $(PY) -m benchmarks.report $(if $(SIZES),--sizes $(SIZES)) $(if $(ONLY),--only $(ONLY))
