@@ -275,6 +275,9 @@ class AlertRaised(EventData):
     alert_id: str
     promotion_id: str | None = None
     metric: str
+    # Where a business alert applies (metrics' per wave and channel alerts), when it does.
+    wave: Wave | None = None
+    channel: Channel | None = None
     severity: Literal["info", "warning", "critical"] = "warning"
     value: float | None = None
     baseline: float | None = None

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query
 from pydantic import BaseModel
 
-from services.metrics import domain, queries
+from services.metrics import alerts, domain, queries
 from shared.auth import require_scope
 from shared.problems import Problem
 from shared.service import Ctx
@@ -93,3 +93,45 @@ METHOD = (
     "uplift = difference of conversion proportions; 95% Wald interval (normal approximation); "
     "sample per group for 80% power at alpha 0.05 (two-sided) at the observed effect"
 )
+
+
+class AlertsPublic(BaseModel):
+    alerts: list[dict[str, Any]]
+    next_cursor: str | None
+
+
+@router.get("/alerts", dependencies=[Depends(require_scope("metrics:read"))])
+async def get_alerts(
+    ctx: Ctx,
+    promotion_id: str | None = Query(None, min_length=1, max_length=128),
+    status: Literal["open", "resolved"] | None = None,
+    limit: int = Query(100, ge=1, le=500),
+    cursor: str | None = Query(None, max_length=256),
+) -> AlertsPublic:
+    """Business alerts, newest day first; pass `next_cursor` back as `cursor` for more."""
+    after = None
+    if cursor is not None:
+        after = alerts.parse_cursor(cursor)
+        if after is None:
+            raise Problem(
+                status=422, title="Invalid cursor", detail="cursor: use next_cursor as given"
+            )
+    async with ctx.db.connect() as conn:
+        rows, next_cursor = await alerts.list_alerts(
+            conn, promotion_id=promotion_id, status=status, limit=limit, after=after
+        )
+    return AlertsPublic(alerts=rows, next_cursor=next_cursor)
+
+
+class TrafficLightsPublic(BaseModel):
+    traffic_lights: list[dict[str, Any]]
+
+
+@router.get("/traffic-lights", dependencies=[Depends(require_scope("metrics:read"))])
+async def get_traffic_lights(
+    ctx: Ctx, promotion_id: str | None = Query(None, min_length=1, max_length=128)
+) -> TrafficLightsPublic:
+    """Each promotion's traffic light (red: conversion under its baseline 3 days in a row)."""
+    async with ctx.db.connect() as conn:
+        rows = await alerts.list_lights(conn, promotion_id)
+    return TrafficLightsPublic(traffic_lights=rows)

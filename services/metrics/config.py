@@ -14,6 +14,19 @@ class MetricsSettings(BaseSettings):
     # A purchase is credited to the user's last exposure (touch sent, or holdout) this recent.
     attribution_window_days: float = Field(7.0, gt=0)
 
+    # Business alerts (see services/metrics/alerts.py and the README): a day's value more
+    # than `alert_threshold` (a fraction) away from the mean of the same series' values on
+    # the `alert_trailing_days` days before it, when at least `alert_min_history_days` of
+    # them have a value; a day has a value when its denominator reaches `alert_min_sample`.
+    alert_threshold: float = Field(0.15, gt=0)
+    alert_trailing_days: int = Field(7, ge=1, le=60)
+    alert_min_history_days: int = Field(3, ge=1, le=60)
+    alert_min_sample: int = Field(30, ge=1)
+    # Days evaluated back from the last complete one (late events can still change them).
+    alert_lookback_days: int = Field(14, ge=1, le=90)
+    # How often alerts are evaluated (service clock; a manual clock's move wakes it at once).
+    alert_interval_s: float = Field(60.0, gt=0)
+
     @property
     def attribution_window(self) -> timedelta:
         return timedelta(days=self.attribution_window_days)

@@ -83,4 +83,42 @@ purchases = Table(
     Index("ix_purchases_user_occurred", "user_id", "occurred_at"),
 )
 
+# Business alerts (services/metrics/alerts.py): one row per series, metric and day that
+# deviated, or per traffic light change; alert_id is derived from those, so evaluating
+# again never raises an alert twice. status: open, or resolved (a later day of the series
+# was evaluated; the promotion's light turned green or changed colour).
+alerts = Table(
+    "alerts",
+    metadata,
+    Column("alert_id", String(40), primary_key=True),
+    Column("promotion_id", String(128), nullable=False),
+    Column("kind", String(16), nullable=False),  # deviation or traffic_light
+    Column("metric", String(32), nullable=False),
+    Column("wave", String(16), nullable=False),  # "" for a promotion's traffic light
+    Column("channel", String(16), nullable=False),
+    Column("day", UtcDateTime(), nullable=False),
+    Column("value", Float, nullable=True),
+    Column("baseline", Float, nullable=True),
+    Column("severity", String(16), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("message", String(512), nullable=False),
+    Column("raised_at", UtcDateTime(), nullable=False),
+    Column("resolved_at", UtcDateTime(), nullable=True),
+    Index("ix_alerts_day", "day", "alert_id"),
+    Index("ix_alerts_promotion", "promotion_id", "status"),
+)
+
+# Each promotion's traffic light as of its last evaluated day.
+traffic_lights = Table(
+    "traffic_lights",
+    metadata,
+    Column("promotion_id", String(128), primary_key=True),
+    Column("light", String(8), nullable=False),  # green, yellow, red
+    Column("streak", BigInteger, nullable=False),  # days in a row under the baseline
+    Column("day", UtcDateTime(), nullable=True),  # last complete day evaluated
+    Column("conversion", Float, nullable=True),
+    Column("baseline", Float, nullable=True),
+    Column("updated_at", UtcDateTime(), nullable=False),
+)
+
 outbox = outbox_table(metadata)

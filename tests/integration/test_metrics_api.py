@@ -5,7 +5,6 @@ batch consumer, redelivery, `GET /v1/funnel` with filters and group_by, and
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -15,13 +14,10 @@ from typing import Any
 import httpx
 import pytest
 
-from services.metrics.app import SPEC
 from shared.bus import OutMessage
 from shared.bus.memory import InProcessBus
-from shared.clock import ManualClock
 from shared.events import DeliverySent, Event, TouchSuppressed, encode
-from shared.settings import ClockKind, Settings
-from tests.conftest import fresh_database
+from tests.integration.metrics_harness import running_metrics
 from tests.integration.test_metrics_exactness import (
     DAY3,
     LAUNCH,
@@ -41,31 +37,9 @@ READER = "t-reader"
 async def service(
     request: pytest.FixtureRequest, tmp_path: Path, unique: str
 ) -> AsyncIterator[tuple[httpx.AsyncClient, InProcessBus]]:
-    async with contextlib.AsyncExitStack() as stack:
-        if request.param == "sqlite":
-            url = f"sqlite+aiosqlite:///{tmp_path / 'metrics.db'}"
-        else:
-            postgres = request.getfixturevalue("postgres_url")
-            url = await stack.enter_async_context(fresh_database(postgres, f"t_{unique}"))
-        settings = Settings(
-            database_url=url,
-            clock=ClockKind.MANUAL,
-            api_tokens={TOKEN: frozenset({"*"}), READER: frozenset({"segmentation:read"})},
-            log_level="WARNING",
-        )
-        bus = InProcessBus()
-        await bus.start()
-        stack.push_async_callback(bus.stop)
-        app = SPEC.create_app(settings, bus=bus, clock=ManualClock(T0))
-        await stack.enter_async_context(app.router.lifespan_context(app))
-        client = await stack.enter_async_context(
-            httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app),
-                base_url="http://metrics",
-                headers={"Authorization": f"Bearer {TOKEN}"},
-            )
-        )
-        yield client, bus
+    tokens = {TOKEN: frozenset({"*"}), READER: frozenset({"segmentation:read"})}
+    async with running_metrics(request, tmp_path, unique, start=T0, tokens=tokens) as m:
+        yield m.client, m.bus
 
 
 def out(event: Event[Any]) -> OutMessage:
