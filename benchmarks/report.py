@@ -58,10 +58,12 @@ class Benchmark:
     sized: bool = True
     # Figures shown first in the table, in this order, when the benchmark reports them.
     headline: tuple[str, ...] = ()
+    # The module run with `python -m`; default `benchmarks.<name>`.
+    module_name: str | None = None
 
     @property
     def module(self) -> str:
-        return f"benchmarks.{self.name}"
+        return self.module_name or f"benchmarks.{self.name}"
 
 
 BENCHMARKS: tuple[Benchmark, ...] = (
@@ -233,14 +235,16 @@ def figure(key: str) -> Callable[[Run], Any]:
     return lambda run: run.figures.get(key)
 
 
-def table(runs: Sequence[Run], sizes: Sequence[int]) -> str:
+def table(
+    runs: Sequence[Run], sizes: Sequence[int], benches: Sequence[Benchmark] = BENCHMARKS
+) -> str:
     """A row per figure, a column per size; benchmarks without a size fill the first column."""
     columns = [str(s) for s in sizes] or ["-"]
     rows: list[list[str]] = []
     by_bench: dict[str, list[Run]] = {}
     for run in runs:
         by_bench.setdefault(run.benchmark, []).append(run)
-    headlines = {b.name: b.headline for b in BENCHMARKS}
+    headlines = {b.name: b.headline for b in benches}
 
     def cells(bench_runs: list[Run], pick: Callable[[Run], Any]) -> list[str]:
         found = {r.size: pick(r) for r in bench_runs}
