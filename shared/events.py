@@ -181,6 +181,14 @@ class TouchEvent(UserEvent):
     channel: Channel | None = None
     variant: str | None = None
 
+    @field_validator("touch_id")
+    @classmethod
+    def _header_safe(cls, value: str) -> str:
+        # It travels as the provider call's Idempotency-Key header: no CR, LF or spaces.
+        if not (value.isascii() and value.isprintable()) or " " in value:
+            raise ValueError("a touch id is printable ASCII without spaces (an HTTP header)")
+        return value
+
 
 class TouchPlanned(TouchEvent):
     event_name = "touch.planned"

@@ -16,7 +16,8 @@ import pytest
 
 from services.scheduling.policy import default_policy
 from services.segmentation.app import SPEC as SEGMENTATION
-from shared.events import TouchDue
+from shared.bus import OutMessage
+from shared.events import TouchDue, encode
 from shared.problems import PROBLEM_MEDIA_TYPE
 from tests.hostile.apps import ADMIN_TOKEN, serving, settings_for
 from tests.integration import test_delivery_service as delivery_support
@@ -215,3 +216,33 @@ async def test_rendering_fills_placeholders_once_and_never_puts_data_in_headers(
         expected = TEMPLATE.replace("${coupon}", coupon).replace("${name}", variables["name"])
         assert body["body"] == expected, "placeholders filled once, the value's own ${...} kept"
         assert "${coupon}\r\nX-Injected: yes <b>bold</b>" in body["body"]
+
+
+async def test_a_touch_id_with_a_line_break_is_dead_lettered_and_the_next_is_sent_once(
+    database_url: str,
+) -> None:
+    """The touch id travels as the Idempotency-Key header: a touch.due whose id would split
+    that header never reaches a provider (nor holds back the touches after it)."""
+    async with (
+        ProviderServer() as email,
+        delivery_support.delivery(
+            database_url, delivery_support.channels(email={"base_url": email.url})
+        ) as stack,
+    ):
+        await stack.users(delivery_support.user("u-1", "email"))
+        topic = stack.settings.topic("touches")
+        evil = encode(
+            delivery_support.touch("t-evil", "u-1", "email"),
+            source="test",
+            time=delivery_support.START,
+        ).replace(b'"t-evil"', b'"t-evil\\r\\nX-Injected: yes"')
+        good = delivery_support.touch("t-good", "u-1", "email")
+        await stack.bus.publish([OutMessage(topic, "u-1", evil)])
+        await stack.publish(good)
+
+        (outcome,) = await stack.settled(1)
+        assert outcome.touch_id == "t-good"
+        assert [c.key for c in email.calls] == ["t-good"], "called once, and never for t-evil"
+        (dead,) = stack.bus.messages(f"{topic}.dlq")
+        assert dead.header("dlq.reason") == b"invalid_data"
+        assert b"touch_id" in (dead.header("dlq.detail") or b"")
