@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping, Sequence
 
-from services.metrics import alerts, api, handlers, store
+from services.metrics import alerts, api, dashboard, handlers, store
 from services.metrics.config import MetricsSettings
 from shared.consumer import BatchEventHandler
 from shared.events import EventData
@@ -28,7 +28,7 @@ SPEC = ServiceSpec(
     description="Funnel, attribution, experiments, alerts and the dashboard.",
     metadata=store.metadata,
     outbox_table=store.outbox,
-    routers=(api.router,),
+    routers=(api.router, dashboard.router),
     batch_handlers=batch_handlers,
     workers=workers,
 )
