@@ -5,7 +5,10 @@
 
 Runs each benchmark of `BENCHMARKS` as its own process, once per size where it has a size
 parameter (participants, users or touches) and once otherwise, each invocation under
-`flock /tmp/afterglow-bench.lock` so that it never overlaps another benchmark on the machine.
+an exclusive flock(2) on /tmp/afterglow-bench.lock (the lock `flock /tmp/afterglow-bench.lock
+<command>` takes), held by this runner from before the benchmark starts until it has exited, so
+that it never overlaps another benchmark on the machine; the wait for it is recorded apart.
+Do not run the runner itself under that lock: it would wait for itself.
 Each writes its figures with `--json PATH` (one flat JSON object); a benchmark without that
 option is reported as missing, one that fails or runs past `--timeout` as such, with the tail
 of its log, and the others go on. Peak memory is the benchmark process's own maximum resident
@@ -15,7 +18,7 @@ provider it started).
 Writes `<out>/<benchmark>-<size>.json` and `.log` per run and `<out>/report.json`:
 {"started_at", "finished_at", "sizes", "machine": {"cpus", "load_1m_at_start"},
  "runs": [{"benchmark", "size", "status" (ok, failed, timeout, missing), "command",
- "seconds", "peak_rss_mb", "load_1m_before", "figures": {...}, "error"}]};
+ "seconds", "peak_rss_mb", "lock_wait_s", "load_1m_before", "figures": {...}, "error"}]};
 then prints one table: a row per figure, a column per size.
 
 Needs AFTERGLOW_DATABASE_URL and AFTERGLOW_KAFKA_BOOTSTRAP_SERVERS (`make up`; `make bench`
@@ -26,10 +29,10 @@ records the load average before it.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -100,6 +103,7 @@ class Run:
     command: list[str] = field(default_factory=list)
     seconds: float | None = None
     peak_rss_mb: float | None = None
+    lock_wait_s: float | None = None
     load_1m_before: float | None = None
     figures: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
@@ -118,19 +122,25 @@ def supports_json(bench: Benchmark) -> bool:
 
 
 def wait_with_rusage(process: subprocess.Popen[bytes], timeout_s: float) -> tuple[int, Any]:
-    """Reap the child with wait4 (for its own peak memory); kill its group past the timeout."""
+    """Reap the child with wait4 (for its own peak memory); kill its group past the timeout
+    or when this runner is interrupted."""
     deadline = time.monotonic() + timeout_s
-    while True:
-        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
-        if pid:
-            process.returncode = os.waitstatus_to_exitcode(status)
-            return process.returncode, usage
-        if time.monotonic() > deadline:
-            os.killpg(process.pid, signal.SIGKILL)
-            _, status, usage = os.wait4(process.pid, 0)
-            process.returncode = os.waitstatus_to_exitcode(status)
-            raise TimeoutError(usage)
-        time.sleep(0.2)
+    try:
+        while True:
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+            if pid:
+                process.returncode = os.waitstatus_to_exitcode(status)
+                return process.returncode, usage
+            if time.monotonic() > deadline:
+                os.killpg(process.pid, signal.SIGKILL)
+                _, status, usage = os.wait4(process.pid, 0)
+                process.returncode = os.waitstatus_to_exitcode(status)
+                raise TimeoutError(usage)
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        os.killpg(process.pid, signal.SIGKILL)
+        os.wait4(process.pid, 0)
+        raise
 
 
 def tail(path: Path, lines: int = 15) -> str:
@@ -148,8 +158,6 @@ def run_one(bench: Benchmark, size: int | None, out: Path, timeout_s: float, loc
     log_path = out / f"{label}.log"
     json_path.unlink(missing_ok=True)
     result.command = [
-        "flock",
-        lock,
         sys.executable,
         "-m",
         bench.module,
@@ -157,19 +165,23 @@ def run_one(bench: Benchmark, size: int | None, out: Path, timeout_s: float, loc
         "--json",
         str(json_path),
     ]
-    result.load_1m_before = round(os.getloadavg()[0], 2)
     print(f"== {label}: {' '.join(result.command)}", flush=True)
-    started = time.monotonic()
-    with log_path.open("wb") as log:
-        # A session of its own, so that a timeout kills the benchmark and what it started.
-        process = subprocess.Popen(
-            result.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        try:
-            code, usage = wait_with_rusage(process, timeout_s)
-        except TimeoutError as exc:
-            code, usage = None, exc.args[0]
-    result.seconds = round(time.monotonic() - started, 1)
+    with open(lock, "a") as held:
+        waiting = time.monotonic()
+        fcntl.flock(held, fcntl.LOCK_EX)
+        result.lock_wait_s = round(time.monotonic() - waiting, 1)
+        result.load_1m_before = round(os.getloadavg()[0], 2)
+        started = time.monotonic()
+        with log_path.open("wb") as log:
+            # A session of its own, so that a timeout kills the benchmark and what it started.
+            process = subprocess.Popen(
+                result.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+            try:
+                code, usage = wait_with_rusage(process, timeout_s)
+            except TimeoutError as exc:
+                code, usage = None, exc.args[0]
+        result.seconds = round(time.monotonic() - started, 1)
     # ru_maxrss is in KiB on Linux.
     result.peak_rss_mb = round(usage.ru_maxrss / 1024, 1)
     if code is None:
@@ -258,6 +270,7 @@ def table(
             continue
         rows.append(["", "wall s", *cells(bench_runs, lambda r: r.seconds)])
         rows.append(["", "peak RSS MB", *cells(bench_runs, lambda r: r.peak_rss_mb)])
+        rows.append(["", "lock wait s", *cells(bench_runs, lambda r: r.lock_wait_s)])
         rows.append(["", "load 1m before", *cells(bench_runs, lambda r: r.load_1m_before)])
         keys: list[str] = [
             k for k in headlines.get(name, ()) if any(k in r.figures for r in bench_runs)
@@ -306,7 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=Path(".run/bench"))
     parser.add_argument("--timeout", type=float, default=7200.0, help="seconds per run")
-    parser.add_argument("--lock", default=LOCK, help="flock file wrapping each run")
+    parser.add_argument("--lock", default=LOCK, help="file locked (flock) around each run")
     args = parser.parse_args(argv)
     wanted = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = sorted(set(wanted) - set(names))
@@ -314,8 +327,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(
             f"--only: unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(names)}"
         )
-    if shutil.which("flock") is None:
-        parser.error("flock (util-linux) is needed to keep benchmarks from overlapping")
     benches = [b for b in BENCHMARKS if b.name in wanted]
     args.out.mkdir(parents=True, exist_ok=True)
 

@@ -12,13 +12,20 @@ import pytest
 from benchmarks.report import Benchmark, Run, run_all, table
 
 GOOD = """
-import argparse, json, pathlib
+import argparse, fcntl, json, os, pathlib
 parser = argparse.ArgumentParser()
 parser.add_argument("--participants", type=int)
 parser.add_argument("--json", type=pathlib.Path)
 args = parser.parse_args()
 big = bytearray(args.participants * 1000)  # some memory to see in the peak
-args.json.write_text(json.dumps({"participants": args.participants, "touches_per_s": 1234.5}))
+with open(os.environ["FAKE_BENCH_LOCK"], "a") as lock:
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        locked = False
+    except BlockingIOError:
+        locked = True  # held by the runner while this runs
+figures = {"participants": args.participants, "touches_per_s": 1234.5, "locked": locked}
+args.json.write_text(json.dumps(figures))
 """
 NO_JSON = """
 import argparse
@@ -46,6 +53,7 @@ def fakes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for name, source in {"good": GOOD, "nojson": NO_JSON, "broken": BROKEN, "slow": SLOW}.items():
         (tmp_path / f"fake_bench_{name}.py").write_text(source)
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setenv("FAKE_BENCH_LOCK", str(tmp_path / "bench.lock"))
     return tmp_path
 
 
@@ -83,8 +91,8 @@ def test_figures_are_collected_and_failures_reported_without_stopping(
     assert "the database is not there" in (broken.error or "")
     good = by["good", 20000]
     assert good.status == "ok"
-    assert good.figures == {"participants": 20000, "touches_per_s": 1234.5}
-    assert good.command[:2] == ["flock", str(tmp_path / "bench.lock")]
+    assert good.figures == {"participants": 20000, "touches_per_s": 1234.5, "locked": True}
+    assert good.lock_wait_s is not None
     assert good.peak_rss_mb is not None and good.peak_rss_mb > 20  # 20 MB array + Python
     assert json.loads((out / "good-1000.json").read_text())["participants"] == 1000
 
