@@ -31,7 +31,6 @@ from tests.integration.test_metrics_alerts import CONVERTED, T0, P, eventually, 
 
 ADMIN, READER = "t-admin", "t-reader"
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
-SENT, BLUE = (59, 111, 216), (59, 111, 216)
 COLOURS = {"sent": (59, 111, 216), "converted": (214, 69, 93), "opened": (27, 163, 156)}
 
 

@@ -338,3 +338,32 @@ async def test_reversed_stream_gives_the_same_funnel(db: Database) -> None:
     rows = {r["wave"]: r for r in await funnel(db, ("wave",))}
     check(rows["launch"], LAUNCH)
     check(rows["day3"], DAY3)
+
+
+async def test_each_channel_of_a_parallel_touch_counts_its_own_receipts(db: Database) -> None:
+    """Day 7 on SMS and push at once: each channel's receipts count for that channel."""
+    at = T0 + timedelta(days=7)
+    t = touch("t9", "u9", "day7", variant="A")
+
+    def receipt(channel: str, kind: Any, minutes: int) -> Event[Any]:
+        when = at + timedelta(minutes=minutes)
+        data = EngagementRecorded(**t, channel=channel, kind=kind, at=when)
+        return ev(f"t9.{channel}.{kind}", data, when)
+
+    events = [
+        planned("t9", "u9", "core", "A", "day7", at),
+        ev("t9.sent.sms", DeliverySent(**t, channel="sms", at=at, cost=0.05), at),
+        ev("t9.sent.push", DeliverySent(**t, channel="push", at=at, cost=0.001), at),
+        receipt("sms", "delivered", 1),
+        receipt("push", "delivered", 1),
+        receipt("push", "opened", 2),
+        receipt("push", "clicked", 3),
+        receipt("sms", "clicked", 4),
+    ]
+    await feed(db, events, 3)
+    await feed(db, events, 100)  # replayed: nothing doubles
+    by_channel = {r["channel"]: r for r in await funnel(db, ("channel",), wave="day7")}
+    check(by_channel["sms"], {"sent": 1, "sends": 1, "delivered": 1, "opened": 0, "clicked": 1})
+    check(by_channel["push"], {"sent": 0, "sends": 1, "delivered": 1, "opened": 1, "clicked": 1})
+    (whole,) = await funnel(db, ("wave",), wave="day7")
+    check(whole, {"sent": 1, "sends": 2, "delivered": 2, "opened": 1, "clicked": 2})
