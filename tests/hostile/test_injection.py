@@ -246,3 +246,25 @@ async def test_a_touch_id_with_a_line_break_is_dead_lettered_and_the_next_is_sen
         (dead,) = stack.bus.messages(f"{topic}.dlq")
         assert dead.header("dlq.reason") == b"invalid_data"
         assert b"touch_id" in (dead.header("dlq.detail") or b"")
+
+
+async def test_a_nul_character_is_refused_naming_where_it_is(database_url: str) -> None:
+    """PostgreSQL text cannot hold U+0000: it is a 422 naming the field, never a 500."""
+    async with segmentation(database_url) as client:
+        in_path = await client.put("/v1/users/u%00x", json={"timezone": "UTC"})
+        in_query = await client.get("/v1/segments", params={"x": "a\x00b"})
+        activity = {
+            "id": "a-1",
+            "user_id": "u-1",
+            "kind": "visit",
+            "occurred_at": "2026-03-01T10:00:00Z",
+            "item_id": "sku\x00-1",
+        }
+        in_body = await client.post("/v1/activities", json={"activities": [activity]})
+        for response, where in ((in_path, "path"), (in_query, "query"), (in_body, "body")):
+            assert response.status_code == 422, (where, response.text)
+            problem = response.json()
+            assert problem["detail"].startswith(where), problem
+            assert "NUL" in problem["detail"]
+        assert in_body.json()["field"] == "activities[0].item_id"
+        assert (await client.get("/v1/users/u-1")).status_code == 404, "nothing was stored"
