@@ -1,17 +1,34 @@
 """Delivery throughput: touches delivered per second to a loopback provider.
 
-    .venv/bin/python -m benchmarks.delivery             # 20 ms provider, then 10% 5xx
-    .venv/bin/python -m benchmarks.delivery --touches 50000 --database-url postgresql+asyncpg://...
-    make bench-delivery BENCH_ARGS="--touches 50000"
+    make bench-delivery                                  # PostgreSQL from .run/env (make up)
+    make bench-delivery BENCH_ARGS="--touches 50000 --json delivery.json"
+    .venv/bin/python -m benchmarks.delivery --sqlite     # SQLite in a temporary directory
 
-The provider is the sandbox (`services/sandbox.py`) in its own process, answering
-after `--latency-ms`. The delivery service runs here with its lifespan, on the
-in-process bus (or Kafka with `--kafka`) and SQLite (or `--database-url`).
-Touches are published as `touch.due` events (all at once, or paced with
-`--offered` per second); the rate is touches accepted by the provider per
-second from the first publish to the last acceptance; the latency is from a
-touch's publish to its acceptance, as the provider saw it. Duplicates are
-Idempotency-Keys the provider was asked to accept again after accepting them.
+The provider is the sandbox (`services/sandbox.py`) in its own process (so that it
+shares neither the event loop nor the GIL with the service), answering after
+`--latency-ms` (20), with 503 for a `--fail-share` (10%) of the calls in the second
+run. The delivery service runs here with its lifespan, on the in-process bus (or
+Kafka with `--kafka`), on PostgreSQL when `--database-url` or AFTERGLOW_DATABASE_URL
+names one (a database of its own is created and dropped), else SQLite.
+
+Each run publishes `--touches` `touch.due` events at once (or paced at `--offered`
+per second). The rate is touches accepted by the provider per second from the first
+publish to the last acceptance; the latency is from a touch's publish to its
+acceptance as the provider saw it (publishing everything at once makes it mostly
+queueing; `--offered` below the rate shows the latency of a touch that does not
+queue). Duplicates are Idempotency-Keys the provider was asked to accept again after
+accepting them (must be 0). CPU is this process's (all threads) and the provider's,
+per touch, over the same window: on a shared machine the rate moves with other load,
+CPU per touch much less.
+
+`--json PATH` also writes the figures as one flat JSON object:
+database ("postgresql" or "sqlite"), bus ("memory" or "kafka"), touches, latency_ms,
+fail_share, connections, partitions, offered (0: all at once); per run, prefixed
+`clean_` (no failures) and `failing_` (with fail_share 5xx): accepted, rate
+(touches/s), p50_ms, p99_ms, provider_calls, provider_5xx, duplicates,
+cpu_us_per_touch (this process), provider_cpu_us_per_call (the provider process);
+then rate_loss (fraction of the clean rate lost with failures) and ok (every touch
+accepted, no duplicate).
 """
 
 from __future__ import annotations
@@ -19,11 +36,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
+import os
+import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,8 +60,34 @@ from shared.bus.memory import InProcessBus
 from shared.db import insert_ignore
 from shared.events import MessageContent, TouchDue, encode
 from shared.settings import Settings
+from tests.conftest import fresh_database
 
 NOW = datetime(2026, 3, 8, 12, 0, tzinfo=UTC)
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU of another process, from /proc (0 where there is no /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.asynccontextmanager
+async def database(args: argparse.Namespace, workdir: Path, label: str) -> AsyncIterator[str]:
+    """A fresh database per run: created and dropped on PostgreSQL, a file for SQLite."""
+    base = None if args.sqlite else args.database_url
+    if not base:
+        yield f"sqlite+aiosqlite:///{workdir / f'{label}.db'}"
+        return
+    async with fresh_database(base, f"bench_delivery_{uuid.uuid4().hex[:8]}") as url:
+        yield url
 
 
 @contextlib.contextmanager
@@ -64,7 +111,7 @@ def sandbox(latency_ms: float, fail_share: float) -> Any:
         url = process.stdout.readline().strip()
         if not url.startswith("http"):
             raise RuntimeError("the sandbox provider did not start")
-        yield url
+        yield url, process.pid
     finally:
         process.terminate()
         process.wait(10)
@@ -89,8 +136,14 @@ async def service(
 async def run(
     args: argparse.Namespace, fail_share: float, workdir: Path, label: str
 ) -> dict[str, Any]:
-    database_url = args.database_url or f"sqlite+aiosqlite:///{workdir / f'{label}.db'}"
-    prefix = f"bench{int(time.time())}{label}."
+    async with database(args, workdir, label) as database_url:
+        return await _run(args, fail_share, database_url, label)
+
+
+async def _run(
+    args: argparse.Namespace, fail_share: float, database_url: str, label: str
+) -> dict[str, Any]:
+    prefix = f"bench{uuid.uuid4().hex[:6]}{label}."
     settings = Settings(
         database_url=database_url,
         kafka_bootstrap_servers=args.kafka,
@@ -99,7 +152,7 @@ async def run(
         outbox_poll_s=0.05,
         log_level="ERROR",
     )
-    with sandbox(args.latency_ms, fail_share) as url:
+    with sandbox(args.latency_ms, fail_share) as (url, provider_pid):
         config = DeliveryConfig(
             channels={
                 "push": ChannelConfig(
@@ -143,7 +196,7 @@ async def run(
                             wave="day3",
                             due_at=NOW,
                             channels=["push"],
-                            content=content,  # type: ignore[arg-type]
+                            content=content,
                             variables={"name": "Ann"},
                         ),
                         source="bench",
@@ -153,6 +206,8 @@ async def run(
                 for i, u in enumerate(users)
             ]
             published: dict[str, float] = {}
+            cpu_before = cpu_seconds()
+            provider_cpu_before = process_cpu_seconds(provider_pid)
             started = time.time()
             chunk = 5000 if not args.offered else max(1, int(args.offered / 100))
             for start in range(0, len(messages), chunk):
@@ -171,6 +226,8 @@ async def run(
                     if stats["accepted"] >= args.touches or time.time() - started > args.timeout:
                         break
                     await asyncio.sleep(0.05)
+                cpu = cpu_seconds() - cpu_before
+                provider_cpu = process_cpu_seconds(provider_pid) - provider_cpu_before
                 accepted: dict[str, float] = (await client.get("/_accepted")).json()
                 # Let the last outcomes settle, then see that nothing is sent twice on redelivery.
                 await asyncio.sleep(0.5)
@@ -188,6 +245,8 @@ async def run(
         "provider_calls": stats["calls"],
         "provider_5xx": stats["failed"],
         "duplicates": stats["duplicates"],
+        "cpu_us_per_touch": cpu * 1e6 / max(1, len(accepted)),
+        "provider_cpu_us_per_call": provider_cpu * 1e6 / max(1, stats["calls"]),
     }
 
 
@@ -197,7 +256,9 @@ def report(result: dict[str, Any]) -> None:
         f"{result['accepted']:>7}/{result['touches']} accepted  "
         f"{result['rate']:>8.0f} touches/s  p50 {result['p50_ms']:>7.1f} ms  "
         f"p99 {result['p99_ms']:>7.1f} ms  calls {result['provider_calls']}  "
-        f"(5xx {result['provider_5xx']})  duplicates {result['duplicates']}",
+        f"(5xx {result['provider_5xx']})  duplicates {result['duplicates']}  "
+        f"cpu {result['cpu_us_per_touch']:.0f} us/touch "
+        f"(provider {result['provider_cpu_us_per_call']:.0f} us/call)",
         flush=True,
     )
 
@@ -210,7 +271,13 @@ async def main() -> int:
     parser.add_argument("--offered", type=float, default=0.0, help="touches/s to publish; 0: all")
     parser.add_argument("--connections", type=int, default=256)
     parser.add_argument("--partitions", type=int, default=8)
-    parser.add_argument("--database-url", default=None)
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("AFTERGLOW_DATABASE_URL") or None,
+        help="PostgreSQL server to create a scratch database on (default AFTERGLOW_DATABASE_URL)",
+    )
+    parser.add_argument("--sqlite", action="store_true", help="SQLite even if a URL is set")
+    parser.add_argument("--json", type=Path, help="also write the figures here (flat JSON)")
     parser.add_argument("--kafka", default=None, help="bootstrap servers; default in-process bus")
     parser.add_argument("--timeout", type=float, default=300.0)
     args = parser.parse_args()
@@ -224,7 +291,47 @@ async def main() -> int:
     loss = 1 - noisy["rate"] / clean["rate"] if clean["rate"] else float("nan")
     print(f"rate lost with {args.fail_share:.0%} 5xx: {loss:.1%}")
     ok = all(r["duplicates"] == 0 and r["accepted"] == r["touches"] for r in results)
+    if args.json is not None:
+        args.json.write_text(json.dumps(flat(args, clean, noisy, loss, ok), indent=2) + "\n")
     return 0 if ok else 1
+
+
+def flat(
+    args: argparse.Namespace,
+    clean: dict[str, Any],
+    failing: dict[str, Any],
+    loss: float,
+    ok: bool,
+) -> dict[str, Any]:
+    """The figures as one flat object (keys in the module docstring)."""
+    uses_postgres = bool(args.database_url) and not args.sqlite
+    out: dict[str, Any] = {
+        "database": "postgresql" if uses_postgres else "sqlite",
+        "bus": "kafka" if args.kafka else "memory",
+        "touches": args.touches,
+        "latency_ms": args.latency_ms,
+        "fail_share": args.fail_share,
+        "connections": args.connections,
+        "partitions": args.partitions,
+        "offered": args.offered,
+    }
+    for prefix, result in (("clean", clean), ("failing", failing)):
+        for key in (
+            "accepted",
+            "rate",
+            "p50_ms",
+            "p99_ms",
+            "provider_calls",
+            "provider_5xx",
+            "duplicates",
+            "cpu_us_per_touch",
+            "provider_cpu_us_per_call",
+        ):
+            value = result[key]
+            out[f"{prefix}_{key}"] = round(value, 1) if isinstance(value, float) else value
+    out["rate_loss"] = round(loss, 4)
+    out["ok"] = ok
+    return out
 
 
 if __name__ == "__main__":

@@ -120,6 +120,9 @@ class Ledger:
 
     A regular send may use the budget up to its reserve; a fallback (the
     unexpected: the preferred channel failed) may use the reserve as well.
+    `delta` is what this batch added (or gave back) per key: the store adds it to
+    the stored spend, so keys that were not read under a lock (channels without a
+    budget) are counted right however many batches run at once.
     """
 
     def __init__(
@@ -127,7 +130,11 @@ class Ledger:
     ) -> None:
         self.spent: dict[tuple[str, str], float] = dict(spent)
         self.terms = terms
-        self.changed: set[tuple[str, str]] = set()
+        self.delta: dict[tuple[str, str], float] = {}
+
+    @property
+    def changed(self) -> set[tuple[str, str]]:
+        return set(self.delta)
 
     def limit(self, channel: str, *, fallback: bool) -> float | None:
         terms = self.terms[channel]
@@ -147,13 +154,19 @@ class Ledger:
         cost = self.terms[channel].cost
         key = (promotion_id, channel)
         self.spent[key] = self.spent.get(key, 0.0) + cost
-        self.changed.add(key)
+        self.delta[key] = self.delta.get(key, 0.0) + cost
         return cost
 
     def refund(self, promotion_id: str, channel: str, amount: float) -> None:
         key = (promotion_id, channel)
-        self.spent[key] = max(0.0, self.spent.get(key, 0.0) - amount)
-        self.changed.add(key)
+        before = self.spent.get(key, 0.0)
+        if self.terms[channel].budget is None:
+            # Not read from the store (see `delta`): give back exactly what was charged.
+            self.spent[key] = before - amount
+            self.delta[key] = self.delta.get(key, 0.0) - amount
+            return
+        self.spent[key] = max(0.0, before - amount)
+        self.delta[key] = self.delta.get(key, 0.0) + self.spent[key] - before
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,7 +3,7 @@
 A batch of `touch.due` events is delivered in rounds. Each round first commits
 what it is about to do - the channel of each call, its reserved cost, the
 coupon - and only then calls the providers, all at once (bounded by the
-runtime's semaphore); the next round's transaction settles the answers and
+runtime's limiter); the next round's transaction settles the answers and
 records the fallbacks. A crash after a call and before its settlement leaves
 the touch in `sending`: the redelivered event repeats that very call with the
 same Idempotency-Key, and a touch once `sent` or `failed` is never called again.
@@ -257,8 +257,9 @@ async def _round(
                 continue
             if _decide(rt, work, ledger, todo, now):
                 to_call.append(work)
-        await _write(conn, ledger, todo)
+        await _write(conn, todo)
         await ctx.outbox.add(conn, todo.events, now=now)
+        await _write_spend(conn, ledger, todo)
     if todo.events:
         ctx.outbox.notify()
     return to_call
@@ -287,7 +288,7 @@ def _settle(rt: DeliveryRuntime, work: Work, todo: Round, now: datetime) -> bool
                 attempts=work.attempts,
             )
         )
-        rt.metrics.outcomes.labels(channel, "sent", "").inc()
+        rt.count(channel, "sent")
         return False
     if outcome.calls:
         todo.failed[channel] = todo.failed.get(channel, 0) + 1
@@ -411,7 +412,7 @@ def _fail(
                 reason=reason,
             )
         )
-    rt.metrics.outcomes.labels(channel or "", "failed", reason).inc()
+    rt.count(channel or "", "failed", reason)
     log.info(
         "touch failed",
         extra={"touch_id": work.due.touch_id, "reason": reason, "detail": mask_value(detail)},
@@ -521,12 +522,19 @@ async def _erased_now(conn: AsyncConnection, rt: DeliveryRuntime, users: Iterabl
 
 
 async def _lock_ledger(conn: AsyncConnection, rt: DeliveryRuntime, works: list[Work]) -> Ledger:
-    """Spend of every (promotion, channel) the batch may touch, locked until commit."""
+    """Spend of every budgeted (promotion, channel) the batch may touch, locked until commit.
+
+    Channels without a budget are neither read nor locked: nothing is decided on their
+    spend, and `_write` adds this batch's share to it at the end of the transaction. So
+    the batches of a promotion (every partition sends for the same promotion) wait for
+    each other only where a budget has to be checked, and then only on those rows.
+    """
     promotions = sorted({w.due.promotion_id for w in works})
-    if not promotions:
+    budgeted = sorted(name for name, terms in rt.terms.items() if terms.budget is not None)
+    if not promotions or not budgeted:
         return Ledger({}, rt.terms)
     s = store.spend
-    keys = [(p, c) for p in promotions for c in sorted(rt.terms)]
+    keys = [(p, c) for p in promotions for c in budgeted]
     await conn.execute(
         insert_ignore(s),
         [{"promotion_id": p, "channel": c, "spent": 0.0, "sent": 0} for p, c in keys],
@@ -534,13 +542,14 @@ async def _lock_ledger(conn: AsyncConnection, rt: DeliveryRuntime, works: list[W
     rows = await conn.execute(
         select(s.c.promotion_id, s.c.channel, s.c.spent)
         .where(s.c.promotion_id.in_(promotions))
+        .where(s.c.channel.in_(budgeted))
         .order_by(s.c.promotion_id, s.c.channel)
         .with_for_update()
     )
     return Ledger({(r.promotion_id, r.channel): float(r.spent) for r in rows}, rt.terms)
 
 
-async def _write(conn: AsyncConnection, ledger: Ledger, todo: Round) -> None:
+async def _write(conn: AsyncConnection, todo: Round) -> None:
     d = store.deliveries
     if todo.inserts:
         await conn.execute(d.insert(), todo.inserts)
@@ -562,19 +571,31 @@ async def _write(conn: AsyncConnection, ledger: Ledger, todo: Round) -> None:
             .values({name: bindparam(name) for name in _LANE_COLUMNS}),
             todo.lane_updates,
         )
+
+
+async def _write_spend(conn: AsyncConnection, ledger: Ledger, todo: Round) -> None:
+    """Spend, sends and success counts: rows every batch shares, so written last.
+
+    Each row is updated with an increment as the transaction's last statements, so a
+    concurrent batch of the same promotion waits on them only for the commit.
+    """
     s = store.spend
     changed = sorted(ledger.changed | set(todo.sent))
     if changed:
         await conn.execute(
+            insert_ignore(s),
+            [{"promotion_id": p, "channel": c, "spent": 0.0, "sent": 0} for p, c in changed],
+        )
+        await conn.execute(
             update(s)
             .where(s.c.promotion_id == bindparam("b_promotion_id"))
             .where(s.c.channel == bindparam("b_channel"))
-            .values(spent=bindparam("b_spent"), sent=s.c.sent + bindparam("b_sent")),
+            .values(spent=s.c.spent + bindparam("b_spent"), sent=s.c.sent + bindparam("b_sent")),
             [
                 {
                     "b_promotion_id": p,
                     "b_channel": c,
-                    "b_spent": ledger.spent.get((p, c), 0.0),
+                    "b_spent": ledger.delta.get((p, c), 0.0),
                     "b_sent": todo.sent.get((p, c), 0),
                 }
                 for p, c in changed

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import weakref
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.delivery.config import DeliveryConfig
 from services.delivery.domain import ChannelTerms
 from services.delivery.providers.client import ProviderClient
-from services.delivery.providers.resilience import CircuitBreaker, CircuitState
+from services.delivery.providers.resilience import CircuitBreaker, CircuitState, Limiter
 
 _CIRCUIT_VALUE = {CircuitState.CLOSED: 0.0, CircuitState.HALF_OPEN: 1.0, CircuitState.OPEN: 2.0}
 
@@ -69,7 +70,9 @@ class DeliveryRuntime:
     def __init__(self, config: DeliveryConfig, registry: CollectorRegistry) -> None:
         self.config = config
         self.metrics = metrics_for(registry)
-        self.semaphore = asyncio.Semaphore(config.concurrency)
+        self._call_children: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._outcome_children: dict[tuple[str, str, str], Any] = {}
+        self.semaphore = Limiter(config.concurrency)
         # Users erased while this process runs: their pending sends stop between tries.
         self.erased: set[str] = set()
         self.providers: dict[str, ProviderClient] = {
@@ -92,8 +95,24 @@ class DeliveryRuntime:
         }
 
     def _observe_call(self, channel: str, outcome: str, seconds: float) -> None:
-        self.metrics.calls.labels(channel, outcome).inc()
-        self.metrics.call_seconds.labels(channel).observe(seconds)
+        # Label children are cached: `labels()` costs more than the call it counts.
+        key = (channel, outcome)
+        children = self._call_children.get(key)
+        if children is None:
+            children = self._call_children[key] = (
+                self.metrics.calls.labels(channel, outcome),
+                self.metrics.call_seconds.labels(channel),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def count(self, channel: str, status: str, reason: str = "") -> None:
+        """One touch settled: `afterglow_delivery_touches_total`."""
+        key = (channel, status, reason)
+        child = self._outcome_children.get(key)
+        if child is None:
+            child = self._outcome_children[key] = self.metrics.outcomes.labels(*key)
+        child.inc()
 
     async def close(self) -> None:
         for provider in self.providers.values():

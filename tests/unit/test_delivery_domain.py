@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from datetime import UTC, datetime, timedelta
 
@@ -11,7 +12,12 @@ from services.delivery import domain
 from services.delivery.config import DeliveryConfigError, load_config
 from services.delivery.domain import ChannelTerms, Contact, Fail, Ledger, Send
 from services.delivery.providers.base import retry_after_seconds
-from services.delivery.providers.resilience import CircuitBreaker, CircuitState, TokenBucket
+from services.delivery.providers.resilience import (
+    CircuitBreaker,
+    CircuitState,
+    Limiter,
+    TokenBucket,
+)
 from shared.events import MessageContent, TouchDue
 from shared.settings import Settings
 
@@ -181,3 +187,22 @@ def test_config_from_environment_with_tokens_and_urls() -> None:
         load_config(
             settings, {"AFTERGLOW_DELIVERY_CONFIG": '{"channels": {"sms": {"reserve_share": 2}}}'}
         )
+
+
+async def test_limiter_caps_holders_and_serves_waiters_in_order() -> None:
+    limiter = Limiter(2)
+    order: list[int] = []
+    release = asyncio.Event()
+
+    async def hold(n: int) -> None:
+        async with limiter:
+            order.append(n)
+            await release.wait()
+
+    tasks = [asyncio.create_task(hold(n)) for n in range(5)]
+    await asyncio.sleep(0.01)
+    assert order == [0, 1] and limiter.in_use == 2
+    tasks[2].cancel()  # a waiter that gives up does not take a turn
+    release.set()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert order == [0, 1, 3, 4] and limiter.in_use == 0

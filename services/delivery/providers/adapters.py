@@ -19,18 +19,22 @@ and delivery never calls twice for an accepted touch anyway.
 from __future__ import annotations
 
 import base64
+import urllib.parse
 
 import httpx
 import orjson
 
 from services.delivery.providers.base import (
     Adapter,
+    Endpoint,
     OutboundMessage,
     idempotency_headers,
     json_field,
 )
+from services.delivery.providers.fast import RawRequest
 
 JSON = {"Content-Type": "application/json"}
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
 
 def _bearer(token: str | None) -> dict[str, str]:
@@ -44,16 +48,8 @@ class GenericAdapter:
     def auth_headers(self, account: str | None, token: str | None) -> dict[str, str]:
         return _bearer(token)
 
-    def request(
-        self,
-        client: httpx.AsyncClient,
-        message: OutboundMessage,
-        *,
-        account: str | None,
-        sender: str | None,
-    ) -> httpx.Request:
-        return client.build_request(
-            "POST",
+    def request(self, endpoint: Endpoint, message: OutboundMessage) -> RawRequest:
+        return endpoint.post(
             "/v1/messages",
             content=orjson.dumps(message.contract_body()),
             headers={**JSON, **idempotency_headers(message)},
@@ -73,24 +69,17 @@ class TwilioAdapter:
         basic = base64.b64encode(f"{account}:{token}".encode()).decode("ascii")
         return {"Authorization": f"Basic {basic}"}
 
-    def request(
-        self,
-        client: httpx.AsyncClient,
-        message: OutboundMessage,
-        *,
-        account: str | None,
-        sender: str | None,
-    ) -> httpx.Request:
+    def request(self, endpoint: Endpoint, message: OutboundMessage) -> RawRequest:
+        sender = endpoint.sender
         form = {"To": message.to, "Body": message.body}
         if sender and sender.startswith("MG"):
             form["MessagingServiceSid"] = sender
         elif sender:
             form["From"] = sender
-        return client.build_request(
-            "POST",
-            f"/2010-04-01/Accounts/{account or ''}/Messages.json",
-            data=form,
-            headers=idempotency_headers(message),
+        return endpoint.post(
+            f"/2010-04-01/Accounts/{endpoint.account or ''}/Messages.json",
+            content=urllib.parse.urlencode(form).encode(),
+            headers={**FORM, **idempotency_headers(message)},
         )
 
     def message_id(self, response: httpx.Response) -> str | None:
@@ -104,14 +93,7 @@ class SendGridAdapter:
     def auth_headers(self, account: str | None, token: str | None) -> dict[str, str]:
         return _bearer(token)
 
-    def request(
-        self,
-        client: httpx.AsyncClient,
-        message: OutboundMessage,
-        *,
-        account: str | None,
-        sender: str | None,
-    ) -> httpx.Request:
+    def request(self, endpoint: Endpoint, message: OutboundMessage) -> RawRequest:
         body = {
             "personalizations": [
                 {
@@ -119,13 +101,12 @@ class SendGridAdapter:
                     "custom_args": {"touch_id": message.id, "promotion_id": message.promotion_id},
                 }
             ],
-            "from": {"email": sender or "no-reply@afterglow.invalid"},
+            "from": {"email": endpoint.sender or "no-reply@afterglow.invalid"},
             "subject": message.subject or message.wave,
             "content": [{"type": "text/plain", "value": message.body}],
             "custom_args": {"touch_id": message.id},
         }
-        return client.build_request(
-            "POST",
+        return endpoint.post(
             "/v3/mail/send",
             content=orjson.dumps(body),
             headers={**JSON, **idempotency_headers(message)},
@@ -143,14 +124,7 @@ class FcmAdapter:
     def auth_headers(self, account: str | None, token: str | None) -> dict[str, str]:
         return _bearer(token)
 
-    def request(
-        self,
-        client: httpx.AsyncClient,
-        message: OutboundMessage,
-        *,
-        account: str | None,
-        sender: str | None,
-    ) -> httpx.Request:
+    def request(self, endpoint: Endpoint, message: OutboundMessage) -> RawRequest:
         body = {
             "message": {
                 "token": message.to,
@@ -162,9 +136,8 @@ class FcmAdapter:
                 },
             }
         }
-        return client.build_request(
-            "POST",
-            f"/v1/projects/{account or ''}/messages:send",
+        return endpoint.post(
+            f"/v1/projects/{endpoint.account or ''}/messages:send",
             content=orjson.dumps(body),
             headers={**JSON, **idempotency_headers(message)},
         )

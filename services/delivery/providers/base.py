@@ -9,6 +9,8 @@ from typing import Any, Protocol
 
 import httpx
 
+from services.delivery.providers.fast import RawRequest
+
 
 @dataclass(frozen=True, slots=True)
 class OutboundMessage:
@@ -44,6 +46,66 @@ class OutboundMessage:
         }
 
 
+USER_AGENT = "afterglow-delivery"
+
+
+class Endpoint:
+    """One channel's provider as the adapters see it: where, who, and how long to wait.
+
+    `post()` lays a request out as HTTP/1.1 bytes at once (the request line, the
+    auth and default headers, the timeouts) for `FastTransport.send`. Building an
+    `httpx.Request` and going through `httpx.AsyncClient.send` (URL merging, header
+    objects, cookies, auth and redirect machinery) cost more CPU per call than the
+    call itself; nothing of it is needed here (no cookies, no redirects: a provider
+    answering 3xx gets a final non-2xx).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        headers: dict[str, str],
+        account: str | None,
+        sender: str | None,
+        timeout_s: float,
+        connect_timeout_s: float,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.headers = {"User-Agent": USER_AGENT, "Accept": "*/*", **headers}
+        self.account = account
+        self.sender = sender
+        self.timeout: dict[str, float | None] = {
+            "connect": connect_timeout_s,
+            "read": timeout_s,
+            "write": timeout_s,
+            "pool": timeout_s,
+        }
+        self._heads: dict[str, tuple[httpx.URL, bytes]] = {}
+
+    def _head(self, path: str) -> tuple[httpx.URL, bytes]:
+        found = self._heads.get(path)
+        if found is None:
+            url = httpx.URL(self.base_url + path)
+            host = url.netloc.decode("ascii")
+            lines = [f"POST {url.raw_path.decode('ascii')} HTTP/1.1", f"Host: {host}"]
+            lines += [f"{name}: {_header_value(value)}" for name, value in self.headers.items()]
+            if len(self._heads) > 1024:
+                self._heads.clear()
+            found = self._heads[path] = (url, ("\r\n".join(lines) + "\r\n").encode("latin-1"))
+        return found
+
+    def post(self, path: str, *, content: bytes, headers: dict[str, str]) -> RawRequest:
+        url, head = self._head(path)
+        extra = "".join(f"{name}: {_header_value(value)}\r\n" for name, value in headers.items())
+        return RawRequest(url, head + extra.encode("latin-1"), content, self.timeout)
+
+
+def _header_value(value: str) -> str:
+    if "\r" in value or "\n" in value:
+        raise ValueError("a header value may not contain a line break")
+    return value
+
+
 class Adapter(Protocol):
     """Turns a message into one provider's request, and its answer into a message id."""
 
@@ -52,14 +114,7 @@ class Adapter(Protocol):
 
     def auth_headers(self, account: str | None, token: str | None) -> dict[str, str]: ...
 
-    def request(
-        self,
-        client: httpx.AsyncClient,
-        message: OutboundMessage,
-        *,
-        account: str | None,
-        sender: str | None,
-    ) -> httpx.Request: ...
+    def request(self, endpoint: Endpoint, message: OutboundMessage) -> RawRequest: ...
 
     def message_id(self, response: httpx.Response) -> str | None: ...
 

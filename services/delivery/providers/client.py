@@ -1,4 +1,4 @@
-"""One channel's provider: its pooled client, rate limit, circuit breaker and retries."""
+"""One channel's provider: its pooled transport, rate limit, circuit breaker and retries."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -14,9 +15,18 @@ import httpx
 from services.delivery.config import ChannelConfig
 from services.delivery.domain import retry_delay
 from services.delivery.providers.adapters import ADAPTERS
-from services.delivery.providers.base import Adapter, OutboundMessage, retry_after_seconds
+from services.delivery.providers.base import (
+    Adapter,
+    Endpoint,
+    OutboundMessage,
+    retry_after_seconds,
+)
 from services.delivery.providers.fast import FastTransport
-from services.delivery.providers.resilience import CircuitBreaker, CircuitState, TokenBucket
+from services.delivery.providers.resilience import (
+    CircuitBreaker,
+    CircuitState,
+    TokenBucket,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +60,7 @@ class ProviderClient:
         channel: str,
         config: ChannelConfig,
         *,
-        semaphore: asyncio.Semaphore,
+        semaphore: AbstractAsyncContextManager[object],
         observe: CallObserver = _no_observer,
     ) -> None:
         self.channel = channel
@@ -61,35 +71,38 @@ class ProviderClient:
         self.bucket = TokenBucket(config.rate_per_s, config.burst)
         self.semaphore = semaphore
         self.observe = observe
-        self._client: httpx.AsyncClient | None = None
+        self.endpoint: Endpoint | None = None
+        self._transport: FastTransport | None = None
 
     @property
     def configured(self) -> bool:
         return self.base_url is not None
 
     def open(self) -> None:
-        if self._client is not None or self.base_url is None:
+        if self._transport is not None or self.base_url is None:
             return
         token = self.config.token.get_secret_value() if self.config.token else None
-        self._client = httpx.AsyncClient(
-            base_url=self.base_url,
-            transport=FastTransport(self.config.max_connections),
-            timeout=httpx.Timeout(self.config.timeout_s, connect=self.config.connect_timeout_s),
+        self.endpoint = Endpoint(
+            self.base_url,
             headers=self.adapter.auth_headers(self.config.account, token),
-            follow_redirects=False,
+            account=self.config.account,
+            sender=self.config.sender,
+            timeout_s=self.config.timeout_s,
+            connect_timeout_s=self.config.connect_timeout_s,
         )
+        self._transport = FastTransport(self.config.max_connections)
 
     async def close(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            await client.aclose()
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            await transport.aclose()
 
     async def deliver(
         self, message: OutboundMessage, *, keep_going: Callable[[], bool] = lambda: True
     ) -> Outcome:
         """Call until accepted, rejected, or out of tries; always with the same Idempotency-Key."""
-        client = self._client
-        if client is None:
+        transport, endpoint = self._transport, self.endpoint
+        if transport is None or endpoint is None:
             return Outcome("failed", 0, error="provider not configured or not open")
         last = Outcome("failed", 0, error="not called")
         for attempt in range(1, self.config.max_attempts + 1):
@@ -103,10 +116,8 @@ class ProviderClient:
             retry_after: float | None = None
             try:
                 async with self.semaphore:
-                    request = self.adapter.request(
-                        client, message, account=self.config.account, sender=self.config.sender
-                    )
-                    response = await client.send(request)
+                    request = self.adapter.request(endpoint, message)
+                    response = await transport.send(request)
             except httpx.TimeoutException as exc:
                 self.circuit.failure()
                 last = Outcome("failed", calls, error=f"timeout: {type(exc).__name__}")

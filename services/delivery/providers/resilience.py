@@ -1,9 +1,12 @@
-"""A circuit breaker per provider and a token bucket per channel; time is injected."""
+"""A circuit breaker per provider, a token bucket per channel (time is injected), and a
+FIFO limiter for calls in flight."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections import deque
 from collections.abc import Callable
 from enum import StrEnum
 
@@ -102,3 +105,55 @@ class TokenBucket:
         wait = self.reserve()
         if wait > 0:
             await asyncio.sleep(wait)
+
+
+class Limiter:
+    """At most `limit` holders at once; waiters get their turn in arrival order.
+
+    What `asyncio.Semaphore` does, at a constant cost per acquire however many wait:
+    Python 3.11's `Semaphore.locked()` walks every waiter on each acquire, which with
+    thousands of calls queued behind the connection limit became a cost per call that
+    grew with the queue.
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        self.limit = limit
+        self._free = limit
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def in_use(self) -> int:
+        return self.limit - self._free
+
+    async def acquire(self) -> None:
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # handed a turn just as it was cancelled: pass it on
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+            raise
+
+    def release(self) -> None:
+        """Hand the turn to the oldest waiter, or give it back."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._free += 1
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()
