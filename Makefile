@@ -95,8 +95,8 @@ bench-segmentation: $(STAMP) up ## segmentation on PostgreSQL and Kafka (USERS=1
 	set -a; . .run/env; set +a; $(PY) -m benchmarks.segmentation --users $${USERS:-1000000}
 
 .PHONY: bench-delivery
-bench-delivery: $(STAMP) ## delivery throughput to a 20 ms loopback provider, then with 10% 5xx
-	$(PY) -m benchmarks.delivery $(BENCH_ARGS)
+bench-delivery: $(STAMP) up ## delivery throughput on PostgreSQL to a 20 ms loopback provider, then with 10% 5xx
+	set -a; . .run/env; set +a; $(PY) -m benchmarks.delivery $(BENCH_ARGS)
 
 .PHONY: bench-scheduling
 bench-scheduling: $(STAMP) up ## scheduling: plan N x 5 waves on PostgreSQL, dispatch a day via Kafka (PARTICIPANTS=1000000)
