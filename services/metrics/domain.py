@@ -22,14 +22,17 @@ COUNTS = (
     "holdout",
     "holdout_converted",
     "holdout_orders",
+    "ltv_touches",
 )
-MONEY = ("revenue", "cost", "holdout_revenue")
+MONEY = ("revenue", "cost", "holdout_revenue", "ltv")
 GROUPS = ("wave", "channel", "segment", "variant")
 
-# Health index targets: a click rate of 10% and a conversion rate of 5% score full marks.
+# Health index targets: a click rate of 10%, a conversion rate of 5% and participants whose
+# mean LTV is that of DOMAIN.md's "high potential" tier (over 500) score full marks.
 HEALTH_CLICK_TARGET = 0.10
 HEALTH_CONVERSION_TARGET = 0.05
-HEALTH_WEIGHTS = {"reach": 0.25, "click": 0.25, "conversion": 0.3, "aov": 0.2}
+HEALTH_LTV_TARGET = 500.0
+HEALTH_WEIGHTS = {"reach": 0.2, "click": 0.2, "conversion": 0.3, "aov": 0.15, "ltv": 0.15}
 
 
 def rate(numerator: float, denominator: float) -> float | None:
@@ -42,18 +45,24 @@ def _cap(value: float | None, target: float) -> float | None:
 
 
 def health_index(
-    reach: float | None, click: float | None, conversion: float | None, aov_ratio: float | None
+    reach: float | None,
+    click: float | None,
+    conversion: float | None,
+    aov_ratio: float | None,
+    ltv: float | None = None,
 ) -> float | None:
     """0..100: the weighted mean of the components that are defined (None if none is).
 
-    reach_rate, click_rate / 10% and conversion_rate / 5% (each capped at 1), and the
-    group's AOV over the whole promotion's AOV (capped at 1).
+    reach_rate, click_rate / 10% and conversion_rate / 5% (each capped at 1), the group's
+    AOV over the whole promotion's AOV (capped at 1), and the mean LTV of the group's
+    participants (per planned touch) over 500 (capped at 1).
     """
     parts = {
         "reach": None if reach is None else min(reach, 1.0),
         "click": _cap(click, HEALTH_CLICK_TARGET),
         "conversion": _cap(conversion, HEALTH_CONVERSION_TARGET),
         "aov": None if aov_ratio is None else min(aov_ratio, 1.0),
+        "ltv": _cap(ltv, HEALTH_LTV_TARGET),
     }
     weight = sum(HEALTH_WEIGHTS[k] for k, v in parts.items() if v is not None)
     if not weight:
@@ -96,8 +105,10 @@ def funnel_row(
     row["cost_per_conversion"] = rate(t["cost"], t["converted"])
     row["roi"] = rate(t["revenue"] - t["cost"], t["cost"])
     row["holdout_conversion_rate"] = rate(t["holdout_converted"], t["holdout"])
+    # Mean LTV (segmentation's, at the promotion's end) of the participants planned here.
+    ltv = row["ltv"] = rate(t["ltv"], t["ltv_touches"])
     aov_ratio = None if aov is None or not promotion_aov else aov / promotion_aov
-    row["health_index"] = health_index(reach, click, conversion, aov_ratio)
+    row["health_index"] = health_index(reach, click, conversion, aov_ratio, ltv)
     return row
 
 

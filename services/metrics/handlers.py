@@ -32,6 +32,7 @@ from services.metrics.config import MetricsSettings
 from shared.db import insert_ignore, upsert
 from shared.events import (
     ActivityRecorded,
+    AudienceMemberResolved,
     DeliveryFailed,
     DeliverySent,
     EngagementRecorded,
@@ -43,6 +44,7 @@ from shared.events import (
 from shared.service import ServiceContext
 
 HANDLED = (
+    AudienceMemberResolved,
     TouchPlanned,
     TouchSuppressed,
     DeliverySent,
@@ -78,6 +80,7 @@ _ADD = _ADD.on_conflict_do_update(
 )
 _SAVE_TOUCH = upsert(store.touches, ["touch_id"])
 _SAVE_PURCHASE = upsert(store.purchases, ["activity_id"], ["touch_id"])
+_NEW_PARTICIPANT = insert_ignore(store.participants)
 _NEW_PURCHASE = insert_ignore(store.purchases).returning(store.purchases.c.activity_id)
 
 
@@ -102,6 +105,10 @@ class Batch:
     # touch id -> counts made while its segment was unknown: (row, written already)
     pending: dict[str, list[tuple[dict[str, Any], bool]]] = field(default_factory=dict)
     settled: set[str] = field(default_factory=set)
+    # (promotion, user) -> the participant's LTV; those this batch recorded first
+    ltv_of: dict[tuple[str, str], float] = field(default_factory=dict)
+    new_participants: set[tuple[str, str]] = field(default_factory=set)
+    user_touches: dict[str, set[str]] = field(default_factory=dict)
 
     # -- reading state --------------------------------------------------------
 
@@ -111,8 +118,20 @@ class Batch:
         users: set[str] = set()
         times: list[datetime] = []
         purchase_rows: dict[str, dict[str, Any]] = {}
+        members: dict[tuple[str, str], dict[str, Any]] = {}
+        planned_pairs: set[tuple[str, str]] = set()
         for event in events:
             data = event.data
+            if isinstance(data, AudienceMemberResolved):
+                members.setdefault(
+                    (data.promotion_id, data.user_id),
+                    {
+                        "promotion_id": data.promotion_id,
+                        "user_id": data.user_id,
+                        "ltv": float(data.segment.ltv),
+                    },
+                )
+                continue
             if isinstance(data, ActivityRecorded):
                 if data.kind == "purchase":
                     users.add(data.user_id)
@@ -131,6 +150,7 @@ class Batch:
             touch_ids.add(data.touch_id)
             if isinstance(data, TouchPlanned):
                 planned.add(data.touch_id)
+                planned_pairs.add((data.promotion_id, data.user_id))
             elif isinstance(data, DeliverySent) or (
                 isinstance(data, TouchSuppressed) and data.reason == "holdout"
             ):
@@ -146,6 +166,7 @@ class Batch:
                 self._know(dict(row._mapping))
         for tid in touch_ids:
             self.touches.setdefault(tid, None)
+        await self._load_participants(members, planned_pairs)
         if users:
             lo, hi = min(times) - self.window, max(times) + self.window
             for chunk in _chunks(sorted(users)):
@@ -177,10 +198,33 @@ class Batch:
             for row in (await self.conn.execute(select(p).where(p.c.touch_id.in_(chunk)))).all():
                 self.pending.setdefault(row.touch_id, []).append((dict(row._mapping), True))
 
+    async def _load_participants(
+        self, members: dict[tuple[str, str], dict[str, Any]], planned: set[tuple[str, str]]
+    ) -> None:
+        """Record the batch's participants (first LTV wins) and read the LTV of those whose
+        touches are planned here; load the touches of participants new to metrics."""
+        pa, t = store.participants, store.touches
+        if members:
+            rows = [members[k] for k in sorted(members)]
+            found = await self.conn.execute(
+                _NEW_PARTICIPANT.returning(pa.c.promotion_id, pa.c.user_id), rows
+            )
+            self.new_participants = {(r[0], r[1]) for r in found.all()}
+        wanted = planned | set(members)
+        for chunk in _chunks(sorted({u for _, u in wanted})):
+            found = await self.conn.execute(select(pa).where(pa.c.user_id.in_(chunk)))
+            for r in found.all():
+                if (r.promotion_id, r.user_id) in wanted:
+                    self.ltv_of[(r.promotion_id, r.user_id)] = r.ltv
+        for chunk in _chunks(sorted({u for _, u in self.new_participants})):
+            for row in (await self.conn.execute(select(t).where(t.c.user_id.in_(chunk)))).all():
+                self._know(dict(row._mapping))
+
     def _know(self, row: dict[str, Any]) -> None:
         if self.touches.get(row["touch_id"]) is not None:
             return
         self.touches[row["touch_id"]] = row
+        self.user_touches.setdefault(row["user_id"], set()).add(row["touch_id"])
         if row["exposed_at"] is not None:
             self.exposed.setdefault(row["user_id"], set()).add(row["touch_id"])
 
@@ -209,8 +253,10 @@ class Batch:
             "exposed_at": None,
             "orders": 0,
             "sends": 0,
+            "ltv": None,
         }
         self.touches[data.touch_id] = row
+        self.user_touches.setdefault(data.user_id, set()).add(data.touch_id)
         self.dirty.add(data.touch_id)
         return row
 
@@ -291,6 +337,26 @@ class Batch:
             touch["variant"] = data.variant
         self.dirty.add(data.touch_id)
         self.count(touch, event.time, "planned", 1)
+        self._count_ltv(touch, event.time)
+
+    def _count_ltv(self, touch: dict[str, Any], at: datetime) -> None:
+        """Once per planned touch whose participant's LTV is known (either may come first)."""
+        ltv = self.ltv_of.get((touch["promotion_id"], touch["user_id"]))
+        if ltv is None or touch["ltv"] is not None or touch["segment"] is None:
+            return
+        touch["ltv"] = ltv
+        self.dirty.add(touch["touch_id"])
+        self.count(touch, at, "ltv", ltv)
+        self.count(touch, at, "ltv_touches", 1)
+
+    async def member(self, event: Event[Any]) -> None:
+        data: AudienceMemberResolved = event.data
+        if (data.promotion_id, data.user_id) not in self.new_participants:
+            return
+        for tid in sorted(self.user_touches.get(data.user_id, ())):
+            touch = self.touches[tid]
+            if touch is not None and touch["promotion_id"] == data.promotion_id:
+                self._count_ltv(touch, event.time)
 
     def _settle_segment(self, touch: dict[str, Any], segment: str) -> None:
         moved = self.pending.pop(touch["touch_id"], [])
@@ -410,6 +476,7 @@ def _chunks(items: list[str], size: int = 5000) -> Iterator[list[str]]:
 
 
 DISPATCH: dict[type[Any], Callable[[Batch, Event[Any]], Awaitable[None]]] = {
+    AudienceMemberResolved: Batch.member,
     TouchPlanned: Batch.planned,
     TouchSuppressed: Batch.suppressed,
     DeliverySent: Batch.sent,

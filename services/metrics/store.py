@@ -54,6 +54,8 @@ touches = Table(
     Column("orders", BigInteger, nullable=False, server_default="0"),
     # Accepted channel sends (a parallel touch has several): the touch counts as "sent" once.
     Column("sends", BigInteger, nullable=False, server_default="0"),
+    # The participant's LTV once counted for this touch ("ltv", "ltv_touches"); None: not yet.
+    Column("ltv", Float, nullable=True),
     Index("ix_touches_user_exposed", "user_id", "exposed_at"),
     Index("ix_touches_promotion_wave", "promotion_id", "wave"),
 )
@@ -69,6 +71,16 @@ pending = Table(
     Column("channel", String(16), nullable=False),
     Column("measure", String(48), nullable=False),
     Column("value", Float, nullable=False),
+)
+
+# Each participant's LTV (segmentation's snapshot when the promotion ended, from the audience
+# topic): counted once per planned touch of theirs, for the funnel's mean LTV and health index.
+participants = Table(
+    "participants",
+    metadata,
+    Column("promotion_id", String(128), primary_key=True),
+    Column("user_id", String(128), primary_key=True),
+    Column("ltv", Float, nullable=False),
 )
 
 # Every purchase and the touch it is attributed to (None: no exposure within the window).

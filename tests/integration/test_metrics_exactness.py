@@ -17,11 +17,13 @@ from services.metrics import handlers, queries, store
 from shared.db import Database
 from shared.events import (
     ActivityRecorded,
+    AudienceMemberResolved,
     DeliveryFailed,
     DeliverySent,
     EngagementRecorded,
     Event,
     EventData,
+    SegmentSnapshot,
     TouchPlanned,
     TouchSuppressed,
 )
@@ -367,3 +369,35 @@ async def test_each_channel_of_a_parallel_touch_counts_its_own_receipts(db: Data
     check(by_channel["push"], {"sent": 0, "sends": 1, "delivered": 1, "opened": 1, "clicked": 1})
     (whole,) = await funnel(db, ("wave",), wave="day7")
     check(whole, {"sent": 1, "sends": 2, "delivered": 2, "opened": 1, "clicked": 2})
+
+
+def member(user: str, ltv: float, event_id: str) -> Event[Any]:
+    data = AudienceMemberResolved(
+        user_id=user, promotion_id=P, ended_at=T0, segment=SegmentSnapshot(ltv=ltv)
+    )
+    return ev(event_id, data, T0)
+
+
+@pytest.mark.parametrize("order", ["as is", "reversed"])
+async def test_the_participants_ltv_counts_once_per_planned_touch(db: Database, order: str) -> None:
+    """The audience event (LTV) may come before or after the touch; a second one for the same
+    participant is ignored; the funnel's `ltv` is the mean over planned touches."""
+    events = [
+        planned("t1", "u1", "high", "A"),
+        member("u1", 600.0, "m-u1"),
+        member("u2", 200.0, "m-u2"),
+        planned("t2", "u2", "core", "A"),
+        member("u1", 600.0, "m-u1-again"),  # the same participant again, another event id
+        planned("t3", "u1", "high", "A", "day3", T0 + timedelta(days=3)),
+        member("u4", 50.0, "m-u4"),  # a participant without a touch
+    ]
+    if order == "reversed":
+        events.reverse()
+    for size in (1, 2, 100):
+        await feed(db, events, size)
+    rows = {r["wave"]: r for r in await funnel(db, ("wave",))}
+    check(rows["launch"], {"planned": 2, "ltv_touches": 2, "ltv": 400.0})
+    check(rows["day3"], {"planned": 1, "ltv_touches": 1, "ltv": 600.0})
+    segments = {r["segment"]: r for r in await funnel(db, ("segment",))}
+    assert segments["high"]["ltv"] == 600.0 and segments["core"]["ltv"] == 200.0
+    assert rows["launch"]["health_index"] is not None

@@ -54,8 +54,22 @@ def test_row_figures() -> None:
     assert row["cost_per_conversion"] == pytest.approx(0.4)
     assert row["roi"] == pytest.approx((60 - 0.4) / 0.4)
     assert row["holdout_conversion_rate"] == 1.0
-    # reach 0.8, click min(0.25/0.1, 1) = 1, conversion min(0.125/0.05, 1) = 1, aov 30/60 = 0.5
-    assert row["health_index"] == pytest.approx(100 * (0.25 * 0.8 + 0.25 + 0.3 + 0.2 * 0.5))
+    # reach 0.8, click min(0.25/0.1, 1) = 1, conversion min(0.125/0.05, 1) = 1, aov 30/60 = 0.5;
+    # no LTV known: the other weights are scaled up to 1.
+    expected = (0.2 * 0.8 + 0.2 + 0.3 + 0.15 * 0.5) / 0.85
+    assert row["ltv"] is None
+    assert row["health_index"] == pytest.approx(100 * expected, abs=0.005)
+
+
+def test_health_index_counts_the_participants_ltv() -> None:
+    row = domain.funnel_row(
+        {"planned": 10, "sent": 10, "clicked": 1, "converted": 1, "ltv": 2500.0, "ltv_touches": 10}
+    )
+    assert row["ltv"] == 250.0
+    # reach 1, click 1, conversion 1, no AOV, ltv 250/500 = 0.5
+    expected = (0.2 + 0.2 + 0.3 + 0.15 * 0.5) / 0.85
+    assert row["health_index"] == pytest.approx(100 * expected, abs=0.005)
+    assert domain.health_index(None, None, None, None, 900.0) == 100.0
 
 
 def test_health_index_uses_only_defined_parts() -> None:

@@ -169,9 +169,9 @@ function experimentChart(exp) {
 
 function funnelTable(rows, key) {
   return table(
-    [key, "planned", "sent", "opened", "clicked", "converted", "open rate", "click rate", "conversion", "AOV", "revenue", "ROI", "health"],
+    [key, "planned", "sent", "opened", "clicked", "converted", "open rate", "click rate", "conversion", "AOV", "revenue", "ROI", "mean LTV", "health"],
     rows.map((r) => [r[key] || "(none)", num(r.planned, 0), num(r.sent, 0), num(r.opened, 0), num(r.clicked, 0), num(r.converted, 0),
-      pct(r.open_rate), pct(r.click_rate), pct(r.conversion_rate), num(r.aov), num(r.revenue), num(r.roi), num(r.health_index, 1)]),
+      pct(r.open_rate), pct(r.click_rate), pct(r.conversion_rate), num(r.aov), num(r.revenue), num(r.roi), num(r.ltv, 0), num(r.health_index, 1)]),
   );
 }
 
