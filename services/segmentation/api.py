@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import zoneinfo
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NotRequired
 
-from fastapi import APIRouter, Depends, Path, Response
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from fastapi import APIRouter, Depends, Path, Request, Response
+from fastapi.exceptions import RequestValidationError
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
+from typing_extensions import TypedDict
 
-from services.segmentation import domain, handlers
+from services.segmentation import handlers
 from shared.auth import require_scope
 from shared.events import Channel
 from shared.problems import Problem
@@ -96,20 +107,53 @@ async def erase_user(user_id: UserIdPath, ctx: Ctx) -> Response:
 # -- activities --------------------------------------------------------------------------------
 
 
-class ActivityCreate(BaseModel):
+class ActivityCreate(TypedDict):
+    """One purchase or interaction; left-out optional fields are null."""
+
     id: Ref
     user_id: UserId
     kind: Literal["purchase", "visit", "click", "open", "refund"]
     occurred_at: AwareDatetime
-    amount: float | None = Field(None, ge=0, allow_inf_nan=False)
-    currency: str | None = Field(None, pattern=r"^[A-Z]{3}$")
-    item_id: Ref | None = None
-    category: Ref | None = None
-    promotion_id: Ref | None = None
+    amount: NotRequired[Annotated[float | None, Field(ge=0, allow_inf_nan=False)]]
+    currency: NotRequired[Annotated[str | None, Field(pattern=r"^[A-Z]{3}$")]]
+    item_id: NotRequired[Ref | None]
+    category: NotRequired[Ref | None]
+    promotion_id: NotRequired[Ref | None]
 
 
-class ActivitiesCreate(BaseModel):
-    activities: list[ActivityCreate] = Field(min_length=1, max_length=MAX_ACTIVITIES)
+class ActivitiesCreate(TypedDict):
+    activities: Annotated[list[ActivityCreate], Field(min_length=1, max_length=MAX_ACTIVITIES)]
+
+
+# Validated straight from the request bytes into dicts (no model per item): a batch of
+# 1,000 costs about a millisecond instead of the ten a model per item costs.
+ACTIVITIES = TypeAdapter(ActivitiesCreate)
+
+
+def _inline_refs(schema: Any, defs: dict[str, Any]) -> Any:
+    """The JSON schema with its local `$defs` references replaced by what they name."""
+    if isinstance(schema, dict):
+        ref = schema.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/$defs/"):
+            return _inline_refs(defs[ref.removeprefix("#/$defs/")], defs)
+        return {k: _inline_refs(v, defs) for k, v in schema.items() if k != "$defs"}
+    if isinstance(schema, list):
+        return [_inline_refs(v, defs) for v in schema]
+    return schema
+
+
+def _activities_schema() -> dict[str, Any]:
+    schema = ACTIVITIES.json_schema()
+    inlined: dict[str, Any] = _inline_refs(schema, schema.get("$defs", {}))
+    return inlined
+
+
+ACTIVITIES_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": _activities_schema()}},
+    }
+}
 
 
 class ActivitiesAccepted(BaseModel):
@@ -118,15 +162,31 @@ class ActivitiesAccepted(BaseModel):
     duplicates: int
 
 
-def _require_amounts(activities: list[ActivityCreate]) -> None:
+def _parse_activities(raw: bytes) -> list[dict[str, Any]]:
+    """The batch, validated; errors name the item index and the field (FastAPI's 422 shape)."""
+    try:
+        body = ACTIVITIES.validate_json(raw)
+    except ValidationError as exc:
+        errors = []
+        for error in exc.errors(include_url=False):
+            entry = dict(error)
+            entry["loc"] = ("body", *error["loc"])
+            errors.append(entry)
+        raise RequestValidationError(errors) from None
+    items: list[dict[str, Any]] = body["activities"]  # type: ignore[assignment]
+    _require_amounts(items)
+    return items
+
+
+def _require_amounts(activities: list[dict[str, Any]]) -> None:
     errors = [
         {
             "field": f"activities[{index}].amount",
             "location": "body",
-            "message": f"an amount is required for a {item.kind}",
+            "message": f"an amount is required for a {item['kind']}",
         }
         for index, item in enumerate(activities)
-        if item.kind in AMOUNT_KINDS and item.amount is None
+        if item["kind"] in AMOUNT_KINDS and item.get("amount") is None
     ]
     if errors:
         detail = f"body.{errors[0]['field']}: {errors[0]['message']}"
@@ -135,26 +195,12 @@ def _require_amounts(activities: list[ActivityCreate]) -> None:
         raise Problem(422, detail, field=errors[0]["field"], errors=errors)
 
 
-@router.post("/activities", status_code=202, dependencies=WRITE)
-async def record_activities(body: ActivitiesCreate, ctx: Ctx) -> ActivitiesAccepted:
+@router.post("/activities", status_code=202, dependencies=WRITE, openapi_extra=ACTIVITIES_BODY)
+async def record_activities(request: Request, ctx: Ctx) -> ActivitiesAccepted:
     """Record a batch of up to 1,000 purchases and interactions (idempotent by activity id)."""
-    _require_amounts(body.activities)
-    batch = [
-        domain.Activity(
-            id=a.id,
-            user_id=a.user_id,
-            kind=a.kind,
-            occurred_at=a.occurred_at,
-            amount=a.amount,
-            item_id=a.item_id,
-            promotion_id=a.promotion_id,
-            currency=a.currency,
-            category=a.category,
-        )
-        for a in body.activities
-    ]
-    recorded = await handlers.record_activities(ctx, batch, publish=True)
-    received = len(batch)
+    items = _parse_activities(await request.body())
+    recorded = await handlers.record_activity_items(ctx, items)
+    received = len(items)
     return ActivitiesAccepted(received=received, recorded=recorded, duplicates=received - recorded)
 
 

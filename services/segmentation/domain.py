@@ -352,7 +352,7 @@ def is_silent(last_interaction_at: datetime | None, now: datetime, days: int) ->
     return last_interaction_at is None or now - last_interaction_at >= timedelta(days=days)
 
 
-_OPS: dict[str, Callable[[float, float], bool]] = {
+TAG_OPS: dict[str, Callable[[float, float], bool]] = {
     ">": operator.gt,
     ">=": operator.ge,
     "<": operator.lt,
@@ -395,7 +395,7 @@ def tags_for(
             value = {"purchases": agg.purchases, "spend": agg.monetary, "ltv": agg.ltv}.get(
                 rule.metric
             )
-        if value is not None and _OPS[rule.op](value, rule.value):
+        if value is not None and TAG_OPS[rule.op](value, rule.value):
             found.append(rule.name)
     return found
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -11,8 +13,9 @@ from typing import Any
 
 from sqlalchemy import BigInteger, func, literal, select, update
 
-from services.segmentation import domain, store
+from services.segmentation import domain, encoding, store
 from services.segmentation.config import SegmentationConfig, load_config
+from shared.bus.base import OutMessage
 from shared.db import insert_ignore, upsert
 from shared.events import (
     ActivityRecorded,
@@ -24,6 +27,7 @@ from shared.events import (
     UserErased,
     UserUpdated,
 )
+from shared.outbox import lane_for
 from shared.service import ServiceContext
 
 log = logging.getLogger(__name__)
@@ -31,6 +35,7 @@ log = logging.getLogger(__name__)
 PARTICIPANT_CHUNK = 5000
 ACTIVITY_CHUNK = 1000
 CONFIG_KEY = "segmentation_config"
+EVENT_IDS_KEY = "segmentation_event_ids"
 # Replicas rank one at a time (PostgreSQL advisory lock, released at commit).
 RANKING_LOCK = 0x5E6A_11C0_0000_0001
 PROFILE_FIELDS = ("birth_year", "timezone", "locale", "addresses", "consent")
@@ -159,18 +164,124 @@ async def erase_user(ctx: ServiceContext, user_id: str) -> int:
 # -- activities -------------------------------------------------------------------------
 
 
+async def record_activity_items(ctx: ServiceContext, items: Sequence[Mapping[str, Any]]) -> int:
+    """A validated REST batch (dicts of `api.ActivityCreate`): stored, folded and announced.
+
+    Each new activity is announced as `activity.recorded` (through the outbox, same
+    transaction): other services (metrics attribution) see every purchase on the
+    `activities` topic. Returns how many were new.
+    """
+    if not ctx.db.is_postgres:
+        return await record_activities(ctx, [_activity(i) for i in items], publish=True)
+    unique = list({i["id"]: i for i in reversed(items)}.values())[::-1]
+    now = ctx.clock.now()
+    outbox = ctx.outbox
+    lanes = outbox.lanes
+    columns = _columns(unique)
+    columns["lanes"] = [lane_for(i["user_id"], lanes) for i in unique]
+    columns["payloads"] = encoding.activity_payloads(
+        unique, source=outbox.source, time=now, ids=_event_ids(ctx)
+    )
+    recorded = await _record_postgres(
+        ctx, unique, columns, now=now, topic=outbox.topic_name(ActivityRecorded.topic)
+    )
+    if recorded:
+        outbox.notify()
+    return recorded
+
+
+def _activity(item: Mapping[str, Any]) -> domain.Activity:
+    return domain.Activity(
+        id=item["id"],
+        user_id=item["user_id"],
+        kind=item["kind"],
+        occurred_at=item["occurred_at"],
+        amount=item.get("amount"),
+        item_id=item.get("item_id"),
+        promotion_id=item.get("promotion_id"),
+        currency=item.get("currency"),
+        category=item.get("category"),
+    )
+
+
+def _columns(items: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
+    return {
+        "ids": [i["id"] for i in items],
+        "user_ids": [i["user_id"] for i in items],
+        "kinds": [i["kind"] for i in items],
+        "occurred": [i["occurred_at"] for i in items],
+        "amounts": [i.get("amount") for i in items],
+        "currencies": [i.get("currency") for i in items],
+        "item_ids": [i.get("item_id") for i in items],
+        "categories": [i.get("category") for i in items],
+        "promotion_ids": [i.get("promotion_id") for i in items],
+    }
+
+
+def _event_ids(ctx: ServiceContext) -> encoding.EventIds:
+    ids = ctx.extras.get(EVENT_IDS_KEY)
+    if not isinstance(ids, encoding.EventIds):
+        ids = ctx.extras[EVENT_IDS_KEY] = encoding.EventIds()
+    return ids
+
+
+async def _record_postgres(
+    ctx: ServiceContext,
+    items: Sequence[Mapping[str, Any]],
+    columns: dict[str, list[Any]],
+    *,
+    now: datetime,
+    topic: str | None,
+) -> int:
+    """One statement inserts, folds and announces; a second one looks for abuse."""
+    config = config_of(ctx)
+    async with ctx.db.begin() as conn:
+        new_ids = set(
+            await store.record_batch_postgres(
+                conn,
+                columns,
+                now=now,
+                default_start=domain.ltv_window_start(now, config.ltv.window_months),
+                topic=topic,
+            )
+        )
+        purchases = [
+            (i["user_id"], i["item_id"], i["occurred_at"])
+            for i in items
+            if i["kind"] == "purchase" and i.get("item_id") is not None and i["id"] in new_ids
+        ]
+        if purchases:
+            flagged = await store.flag_abuse_postgres(
+                conn,
+                purchases,
+                threshold=config.abuse.same_item_purchases,
+                window=timedelta(hours=config.abuse.within_hours),
+                now=now,
+            )
+            if flagged:
+                log.info("users flagged for abuse review", extra={"users": len(flagged)})
+    return len(new_ids)
+
+
 async def record_activities(
     ctx: ServiceContext, batch: Sequence[domain.Activity], *, publish: bool = False
 ) -> int:
     """Store new activities and fold them into the aggregates; returns how many were new.
 
     `publish`: also announce each new activity as `activity.recorded` (through the outbox,
-    same transaction), for activities that did not come from the topic (the REST ingest):
-    other services (metrics attribution) see every purchase on the `activities` topic.
+    same transaction), for activities that did not come from the topic (the REST ingest).
+    On PostgreSQL a batch is one set-based statement (`store.record_batch_postgres`).
     """
     recorded = 0
     for start in range(0, len(batch), ACTIVITY_CHUNK):
-        recorded += await _record_chunk(ctx, batch[start : start + ACTIVITY_CHUNK], publish=publish)
+        chunk = batch[start : start + ACTIVITY_CHUNK]
+        if ctx.db.is_postgres and not publish:
+            unique = [a.__dict__ for a in {a.id: a for a in reversed(chunk)}.values()][::-1]
+            recorded += await _record_postgres(
+                ctx, unique, _columns(unique), now=ctx.clock.now(), topic=None
+            )
+        else:
+            recorded += await _record_chunk(ctx, chunk, publish=publish)
     if recorded and publish:
         ctx.outbox.notify()
     return recorded
@@ -410,7 +521,8 @@ async def segment(ctx: ServiceContext, user_id: str) -> domain.Segment | None:
     )
 
 
-def _snapshot(seg: domain.Segment) -> SegmentSnapshot:
+def snapshot_of(seg: domain.Segment) -> SegmentSnapshot:
+    """An audience event's snapshot by the model path (`AudienceEncoder` is the fast one)."""
     return SegmentSnapshot(
         rfm_tier=seg.rfm_tier,
         ltv=seg.ltv,
@@ -428,11 +540,10 @@ def _snapshot(seg: domain.Segment) -> SegmentSnapshot:
 
 
 async def on_promotion_ended(ctx: ServiceContext, event: Event[Any]) -> None:
-    """Emit one audience event per participant, a chunk per transaction, in bounded memory."""
+    """Emit one audience event per participant, streamed in chunks, in bounded memory."""
     ended: PromotionEnded = event.data
     await start_audience(ctx, ended)
-    while await emit_audience_chunk(ctx, ended):
-        pass
+    await emit_audience(ctx, ended)
 
 
 async def start_audience(ctx: ServiceContext, ended: PromotionEnded) -> None:
@@ -450,81 +561,119 @@ async def start_audience(ctx: ServiceContext, ended: PromotionEnded) -> None:
 
 
 async def emit_audience_chunk(ctx: ServiceContext, ended: PromotionEnded) -> bool:
-    """One chunk of the audience with its cursor, in one transaction; False once complete."""
-    async with ctx.db.begin() as conn:
-        more = await _emit_chunk(ctx, conn, ended, config_of(ctx))
-    if more:
-        ctx.outbox.notify()
-    return more
+    """One chunk of the audience and its cursor; False once the audience is complete."""
+    return await emit_audience(ctx, ended, max_chunks=1)
 
 
-async def _emit_chunk(
-    ctx: ServiceContext, conn: Any, ended: PromotionEnded, config: SegmentationConfig
+@dataclass(frozen=True)
+class _Chunk:
+    messages: list[OutMessage]
+    last: str
+
+
+async def emit_audience(
+    ctx: ServiceContext, ended: PromotionEnded, *, max_chunks: int | None = None
 ) -> bool:
-    """Emit the next chunk and move the cursor; False when the audience is complete."""
+    """Publish the audience from its cursor on; True when it stopped after `max_chunks`.
+
+    One query streams the participants with their profile, aggregates and ranking in
+    user id order (a server-side cursor on PostgreSQL), `audience_chunk` rows at a time.
+    Each chunk is published straight to the bus and, once the broker acknowledged all of
+    it, the cursor moves past it (its own short transaction): a crash re-emits at most the
+    chunk in flight (at least once, like the outbox; consumers are idempotent), never skips.
+    The next chunk is read and encoded while the current one is being acknowledged.
+    """
+    config = config_of(ctx)
     audiences = store.audiences
-    state = (
-        await conn.execute(select(audiences).where(audiences.c.promotion_id == ended.promotion_id))
-    ).one()
+    promotion_id = ended.promotion_id
+    async with ctx.db.connect() as conn:
+        state = (
+            await conn.execute(select(audiences).where(audiences.c.promotion_id == promotion_id))
+        ).one()
+        ranking = await current_ranking(conn)
     if state.completed_at is not None:
         return False
     now = ctx.clock.now()
-    rows = list(
-        await conn.execute(
-            store.audience_query(ended.promotion_id, state.cursor, config.audience_chunk)
-        )
+    encoder = encoding.AudienceEncoder(
+        config=config,
+        cuts=ranking.cuts,
+        source=ctx.outbox.source,
+        promotion_id=promotion_id,
+        ended_at=ended.ended_at,
+        policy=ended.policy,
+        now=now,
     )
-    if not rows:
+    topic = ctx.topic(AudienceMemberResolved.topic)
+    size = config.audience_chunk
+    query = store.audience_query(promotion_id, state.cursor).execution_options(yield_per=size)
+
+    async def next_chunk(partitions: Any) -> _Chunk | None:
+        rows = await anext(partitions, None)
+        if not rows:
+            return None
+        user_ids = store.participants_between(promotion_id, rows[0].user_id, rows[-1].user_id)
+        async with ctx.db.connect() as conn:
+            engagement = await store.engagement_of(conn, user_ids)
+            windows = await _windows_of(conn, user_ids, config, now)
+        encode_one = encoder.encode
+        messages = [
+            OutMessage(
+                topic,
+                row.user_id,
+                encode_one(row, engagement.get(row.user_id), windows.get(row.user_id)),
+            )
+            for row in rows
+        ]
+        return _Chunk(messages, rows[-1].user_id)
+
+    emitted = 0
+    async with ctx.db.connect() as reader:
+        result = await reader.stream(query)
+        partitions = result.partitions(size)
+        pending: asyncio.Future[_Chunk | None] = asyncio.ensure_future(next_chunk(partitions))
+        try:
+            while True:
+                chunk = await pending
+                if chunk is None:
+                    break
+                emitted += 1
+                more = max_chunks is None or emitted < max_chunks
+                if more:
+                    pending = asyncio.ensure_future(next_chunk(partitions))
+                await ctx.bus.publish(chunk.messages)
+                async with ctx.db.begin() as conn:
+                    await conn.execute(
+                        update(audiences)
+                        .where(audiences.c.promotion_id == promotion_id)
+                        .values(cursor=chunk.last)
+                    )
+                if not more:
+                    return True
+        finally:
+            if not pending.done():
+                pending.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pending
+    async with ctx.db.begin() as conn:
         await conn.execute(
             update(audiences)
-            .where(audiences.c.promotion_id == ended.promotion_id)
+            .where(audiences.c.promotion_id == promotion_id)
             .values(completed_at=now)
         )
-        return False
-    user_ids = [row.user_id for row in rows]
-    chunk = store.participants_between(ended.promotion_id, user_ids[0], user_ids[-1])
-    ranking = await current_ranking(conn)
-    engagement = await store.engagement_of(conn, chunk)
-    windows = await _windows_of(conn, chunk, config, now)
-    events = []
-    for row in rows:
-        seg = _segment_from_row(
-            row,
-            engagement=engagement.get(row.user_id, {}),
-            windows=windows.get(row.user_id, {}),
-            ranking=ranking,
-            now=now,
-            config=config,
-        )
-        consent = {k: bool(v) for k, v in (row.consent or {}).items()}
-        addresses = {k: v for k, v in (row.addresses or {}).items() if consent.get(k)}
-        events.append(
-            AudienceMemberResolved(
-                user_id=row.user_id,
-                promotion_id=ended.promotion_id,
-                ended_at=ended.ended_at,
-                policy=ended.policy,
-                timezone=row.timezone or "UTC",
-                locale=row.locale,
-                consent=consent,
-                addresses=addresses,
-                segment=_snapshot(seg),
-            )
-        )
-    await ctx.outbox.add(conn, events, now=now)
-    await conn.execute(
-        update(audiences)
-        .where(audiences.c.promotion_id == ended.promotion_id)
-        .values(cursor=user_ids[-1])
-    )
-    return True
+    log.info("audience emitted", extra={"promotion_id": promotion_id})
+    return False
 
 
 # -- ranking ---------------------------------------------------------------------------------
 
 
-async def rescore(ctx: ServiceContext) -> Ranking | None:
-    """Rank every user from the kept aggregates; None when another replica is ranking."""
+async def rescore(ctx: ServiceContext, *, wait: bool = True) -> Ranking | None:
+    """Rank every user from the kept aggregates.
+
+    Replicas rank one at a time: with `wait` this waits for a ranking in progress elsewhere
+    (then ranks again, on what is there now); without it (the periodic pass) it returns
+    None at once when another one is ranking.
+    """
     config = config_of(ctx)
     now = ctx.clock.now()
     started = time.perf_counter()
@@ -532,7 +681,9 @@ async def rescore(ctx: ServiceContext) -> Ranking | None:
     async with ctx.db.begin() as conn:
         if ctx.db.is_postgres:
             key = literal(RANKING_LOCK, BigInteger)
-            if not await conn.scalar(select(func.pg_try_advisory_xact_lock(key))):
+            if wait:
+                await conn.execute(select(func.pg_advisory_xact_lock(key)))
+            elif not await conn.scalar(select(func.pg_try_advisory_xact_lock(key))):
                 return None
         state = await store.scoring_state_of(conn)
         start = domain.ltv_window_start(now, config.ltv.window_months)
@@ -561,7 +712,7 @@ async def rescoring_loop(ctx: ServiceContext) -> None:
             last = None if state is None else state.scored_at
             due = ctx.clock.now() if last is None else last + interval
             if ctx.clock.now() >= due:
-                await rescore(ctx)
+                await rescore(ctx, wait=False)
                 due = ctx.clock.now() + interval
         except Exception:
             log.warning("ranking failed; trying again later", exc_info=True)

@@ -18,6 +18,7 @@ from sqlalchemy import (
     SmallInteger,
     String,
     Table,
+    Text,
     case,
     cast,
     delete,
@@ -28,6 +29,7 @@ from sqlalchemy import (
     select,
     text,
     tuple_,
+    type_coerce,
     update,
 )
 from sqlalchemy.dialects import postgresql
@@ -646,11 +648,21 @@ def segment_query(user_id: str) -> Any:
     )
 
 
-def audience_query(promotion_id: str, cursor: str | None, limit: int) -> Any:
-    """One chunk of participants with everything their snapshot needs, in user id order."""
+def audience_query(promotion_id: str, cursor: str | None, limit: int | None = None) -> Any:
+    """Participants after `cursor` with everything their snapshot needs, in user id order.
+
+    Addresses and consent come as their JSON text (parsed with orjson by the encoder).
+    """
     p, u, a, s = participants.c, users.c, aggregates.c, user_scores.c
     query = (
-        select(p.user_id, u.timezone, u.locale, u.addresses, u.consent, *_scoring_columns())
+        select(
+            p.user_id,
+            u.timezone,
+            u.locale,
+            type_coerce(u.addresses, Text).label("addresses"),
+            type_coerce(u.consent, Text).label("consent"),
+            *_scoring_columns(),
+        )
         .select_from(
             participants.outerjoin(users, u.user_id == p.user_id)
             .outerjoin(aggregates, a.user_id == p.user_id)
@@ -658,8 +670,9 @@ def audience_query(promotion_id: str, cursor: str | None, limit: int) -> Any:
         )
         .where(p.promotion_id == promotion_id)
         .order_by(p.user_id)
-        .limit(limit)
     )
+    if limit is not None:
+        query = query.limit(limit)
     if cursor is not None:
         query = query.where(p.user_id > cursor)
     return query
@@ -760,3 +773,182 @@ async def rebuild_from_activities(conn: AsyncConnection, start: date, now: datet
     )
     result = await conn.execute(stmt)
     return max(result.rowcount or 0, 0)
+
+
+# -- activities on PostgreSQL: one set-based statement per batch --------------------------
+
+# The batch arrives as one array per column (unnest), in the order it was sent. New
+# activities (not seen before, not of an erased user from before the erasure) are inserted
+# and, from what the INSERT returned, folded into the aggregates and the monthly buckets
+# and, for REST batches, announced through the outbox - all in one statement and one round
+# trip. Rows are locked in key order (ids, then users, then user-months) so that concurrent
+# batches touching the same users wait for each other instead of deadlocking.
+_SIGNED = (
+    "CASE kind WHEN 'purchase' THEN coalesce(amount, 0.0) "
+    "WHEN 'refund' THEN -coalesce(amount, 0.0) ELSE 0.0 END"
+)
+_INTERACTIONS_SQL = ", ".join(f"'{k}'" for k in sorted(domain.INTERACTIONS))
+_RECORD_BATCH = f"""
+WITH input AS (
+    SELECT * FROM unnest(
+        CAST(:ids AS text[]), CAST(:user_ids AS text[]), CAST(:kinds AS text[]),
+        CAST(:occurred AS timestamptz[]), CAST(:amounts AS float8[]),
+        CAST(:currencies AS text[]), CAST(:item_ids AS text[]), CAST(:categories AS text[]),
+        CAST(:promotion_ids AS text[]), CAST(:lanes AS smallint[]), CAST(:payloads AS bytea[])
+    ) WITH ORDINALITY AS t(id, user_id, kind, occurred_at, amount, currency, item_id,
+                           category, promotion_id, lane, payload, position)
+),
+window_start AS (
+    SELECT coalesce(
+        (SELECT ltv_window_start FROM {SCHEMA}.scoring_state WHERE id = {STATE_ID}),
+        CAST(:default_start AS date)
+    ) AS start
+),
+new AS (
+    INSERT INTO {SCHEMA}.activities
+        (id, user_id, kind, occurred_at, amount, currency, item_id, category, promotion_id,
+         recorded_at)
+    SELECT id, user_id, kind, occurred_at, amount, currency, item_id, category, promotion_id,
+           CAST(:now AS timestamptz)
+    FROM input i
+    WHERE NOT EXISTS (
+        SELECT 1 FROM {SCHEMA}.erasures e
+        WHERE e.user_id = i.user_id AND i.occurred_at <= e.erased_at
+    )
+    ORDER BY id
+    ON CONFLICT (id) DO NOTHING
+    RETURNING id, user_id, kind, occurred_at, amount
+),
+folded AS (
+    INSERT INTO {SCHEMA}.aggregates AS t
+        (user_id, purchases, visits, monetary, ltv, last_purchase_at, last_interaction_at,
+         abuse_review, updated_at)
+    SELECT user_id,
+           count(*) FILTER (WHERE kind = 'purchase'),
+           count(*) FILTER (WHERE kind = 'visit'),
+           sum({_SIGNED}),
+           coalesce(sum({_SIGNED}) FILTER (
+               WHERE date_trunc('month', occurred_at AT TIME ZONE 'UTC')::date
+                     >= (SELECT start FROM window_start)
+           ), 0.0),
+           max(occurred_at) FILTER (WHERE kind = 'purchase'),
+           max(occurred_at) FILTER (WHERE kind IN ({_INTERACTIONS_SQL})),
+           false,
+           CAST(:now AS timestamptz)
+    FROM new
+    GROUP BY user_id
+    ORDER BY user_id
+    ON CONFLICT (user_id) DO UPDATE SET
+        purchases = t.purchases + excluded.purchases,
+        visits = t.visits + excluded.visits,
+        monetary = t.monetary + excluded.monetary,
+        ltv = t.ltv + excluded.ltv,
+        last_purchase_at = greatest(t.last_purchase_at, excluded.last_purchase_at),
+        last_interaction_at = greatest(t.last_interaction_at, excluded.last_interaction_at),
+        updated_at = excluded.updated_at
+),
+months AS (
+    INSERT INTO {SCHEMA}.user_months AS t (user_id, month, amount, purchases)
+    SELECT user_id, date_trunc('month', occurred_at AT TIME ZONE 'UTC')::date AS month,
+           sum({_SIGNED}), count(*) FILTER (WHERE kind = 'purchase')
+    FROM new
+    WHERE kind IN ('purchase', 'refund')
+    GROUP BY 1, 2
+    ORDER BY 1, 2
+    ON CONFLICT (user_id, month) DO UPDATE SET
+        amount = t.amount + excluded.amount,
+        purchases = t.purchases + excluded.purchases
+)
+{{announce}}
+SELECT id FROM new
+"""
+_ANNOUNCE = f""",
+announced AS (
+    INSERT INTO {SCHEMA}.{outbox.name} (lane, topic, key, payload, headers, created_at)
+    SELECT i.lane, CAST(:topic AS text), i.user_id, i.payload, CAST(NULL AS json),
+           CAST(:now AS timestamptz)
+    FROM input i JOIN new n ON n.id = i.id
+    ORDER BY i.position
+)"""
+RECORD_BATCH = text(_RECORD_BATCH.replace("{announce}", ""))
+RECORD_BATCH_ANNOUNCED = text(_RECORD_BATCH.replace("{announce}", _ANNOUNCE))
+
+# Users who bought one item `threshold` times within `window` (inclusive), among the pairs
+# of new purchases: each purchase counts those of the same pair in the window after it.
+_FLAG_ABUSE = f"""
+WITH pairs AS (
+    SELECT user_id, item_id,
+           min(occurred_at) - CAST(:window AS interval) AS since,
+           max(occurred_at) + CAST(:window AS interval) AS until
+    FROM unnest(CAST(:user_ids AS text[]), CAST(:item_ids AS text[]),
+                CAST(:occurred AS timestamptz[])) AS p(user_id, item_id, occurred_at)
+    GROUP BY user_id, item_id
+),
+bought AS (
+    SELECT a.user_id,
+           count(*) OVER (
+               PARTITION BY a.user_id, a.item_id ORDER BY a.occurred_at
+               RANGE BETWEEN CURRENT ROW AND CAST(:window AS interval) FOLLOWING
+           ) AS purchases
+    FROM pairs p
+    JOIN {SCHEMA}.activities a ON a.user_id = p.user_id AND a.item_id = p.item_id
+    WHERE a.kind = 'purchase' AND a.occurred_at BETWEEN p.since AND p.until
+)
+UPDATE {SCHEMA}.aggregates SET abuse_review = true, updated_at = CAST(:now AS timestamptz)
+WHERE user_id IN (SELECT user_id FROM bought WHERE purchases >= CAST(:threshold AS integer))
+  AND NOT abuse_review
+RETURNING user_id
+"""
+FLAG_ABUSE = text(_FLAG_ABUSE)
+
+
+async def record_batch_postgres(
+    conn: AsyncConnection,
+    columns: dict[str, list[Any]],
+    *,
+    now: datetime,
+    default_start: date,
+    topic: str | None,
+) -> list[str]:
+    """Insert, fold and (with `topic`) announce a batch; returns the ids that were new.
+
+    `columns`: ids, user_ids, kinds, occurred, amounts, currencies, item_ids, categories,
+    promotion_ids, and for announced batches lanes and payloads (outbox rows).
+    """
+    params: dict[str, Any] = {
+        "lanes": None,
+        "payloads": None,
+        **columns,
+        "now": now,
+        "default_start": default_start,
+    }
+    if topic is None:
+        result = await conn.execute(RECORD_BATCH, params)
+    else:
+        result = await conn.execute(RECORD_BATCH_ANNOUNCED, {**params, "topic": topic})
+    return list(result.scalars())
+
+
+async def flag_abuse_postgres(
+    conn: AsyncConnection,
+    purchases: Sequence[tuple[str, str, datetime]],
+    *,
+    threshold: int,
+    window: timedelta,
+    now: datetime,
+) -> list[str]:
+    """Flag the users among these (user, item, time) purchases who bought an item too often."""
+    if not purchases:
+        return []
+    result = await conn.execute(
+        FLAG_ABUSE,
+        {
+            "user_ids": [p[0] for p in purchases],
+            "item_ids": [p[1] for p in purchases],
+            "occurred": [p[2] for p in purchases],
+            "window": window,
+            "threshold": threshold,
+            "now": now,
+        },
+    )
+    return list(result.scalars())

@@ -171,6 +171,65 @@ async def test_batched_upserts_match_the_raw_activities(db: Database) -> None:
     assert later == date(2025, 5, 1)
 
 
+async def test_the_set_based_batch_folds_like_the_rules(db: Database) -> None:
+    """PostgreSQL records a batch in one statement: same aggregates and monthly buckets as
+    `domain.fold_activities` / `month_amounts`; ids seen before and erased users are skipped."""
+    if not db.is_postgres:
+        pytest.skip("the set-based batch is PostgreSQL's; SQLite folds in Python")
+    rng = random.Random(11)
+    acts = [
+        domain.Activity(
+            id=f"a-{i}",
+            user_id=f"u-{rng.randrange(25):02d}",
+            kind=rng.choice(["purchase", "purchase", "visit", "refund", "open", "click"]),
+            occurred_at=NOW - timedelta(days=rng.randrange(500), minutes=rng.randrange(600)),
+            amount=round(rng.uniform(1, 300), 2),
+        )
+        for i in range(700)
+    ]
+    start = domain.ltv_window_start(NOW, 12)
+    async with db.begin() as conn:
+        await conn.execute(store.erasures.insert(), {"user_id": "u-24", "erased_at": NOW})
+    new: list[str] = []
+    for chunk in range(0, len(acts), 100):
+        # Every batch repeats a slice of the previous one: those ids are not new.
+        batch = acts[max(0, chunk - 20) : chunk + 100]
+        columns = {
+            "ids": [a.id for a in batch],
+            "user_ids": [a.user_id for a in batch],
+            "kinds": [a.kind for a in batch],
+            "occurred": [a.occurred_at for a in batch],
+            "amounts": [a.amount for a in batch],
+            "currencies": [None] * len(batch),
+            "item_ids": [None] * len(batch),
+            "categories": [None] * len(batch),
+            "promotion_ids": [None] * len(batch),
+        }
+        async with db.begin() as conn:
+            new += await store.record_batch_postgres(
+                conn, columns, now=NOW, default_start=start, topic=None
+            )
+    kept = [a for a in acts if a.user_id != "u-24"]
+    assert sorted(new) == sorted(a.id for a in kept)
+    expected = {d.user_id: d for d in domain.fold_activities(kept, start)}
+    async with db.connect() as conn:
+        rows = (await conn.execute(select(store.aggregates))).all()
+        months = (await conn.execute(select(store.user_months))).all()
+    assert {r.user_id for r in rows} == set(expected)
+    for row in rows:
+        d = expected[row.user_id]
+        assert (row.purchases, row.visits) == (d.purchases, d.visits)
+        assert row.monetary == pytest.approx(d.monetary)
+        assert row.ltv == pytest.approx(d.ltv)
+        assert row.last_purchase_at == d.last_purchase_at
+        assert row.last_interaction_at == d.last_interaction_at
+    buckets = domain.month_amounts(kept)
+    assert {(r.user_id, r.month) for r in months} == set(buckets)
+    for r in months:
+        amount, purchases = buckets[(r.user_id, r.month)]
+        assert r.amount == pytest.approx(amount) and r.purchases == purchases
+
+
 def _close(a: list[tuple[object, ...]], b: list[tuple[object, ...]]) -> bool:
     """Row lists equal, floats within rounding (sums in another order)."""
     assert len(a) == len(b)
