@@ -1,33 +1,52 @@
 """Segmentation on PostgreSQL: rebuild and full ranking, REST ingest, audience emission to Kafka.
 
     python -m benchmarks.segmentation [--users 1000000] [--ingest 200000] [--concurrency 4]
-                                      [--audience N] [--keep]
+                                      [--audience N] [--keep] [--json PATH]
 
 Needs AFTERGLOW_DATABASE_URL (PostgreSQL) and AFTERGLOW_KAFKA_BOOTSTRAP_SERVERS (from
 `make up`; `. .run/env`). Works in a database of its own, dropped afterwards unless --keep.
 Generates N users and 10 x N activities in SQL (INSERT ... SELECT generate_series), then:
 1. rebuild: every aggregate from the raw activities (what a restore needs);
 2. rescoring: the full ranking from the kept aggregates (twice: cold and warm);
-3. ingest: new activities through the ASGI app, in batches of 1,000 (`--concurrency` requests
-   in flight on this one process);
-4. emission: one audience event per participant of an ended promotion, until Kafka acknowledged
-   every one (outbox relay included).
+3. ingest: new activities through the REST API in batches of 1,000, served by uvicorn in
+   this one process; the client is another process (its request bodies are built before
+   the clock starts) with `--concurrency` requests in flight. Also timed: until the outbox
+   relay of this process published every `activity.recorded` to Kafka;
+4. emission: one audience event per participant of an ended promotion, until Kafka
+   acknowledged every one.
 Prints users/s, activities/s, events/s and peak memory (ru_maxrss). Asserts nothing.
+
+`--json PATH` also writes the figures as one flat JSON object:
+  users, activities             population generated (users, raw activities)
+  load_1m                       the machine's 1-minute load average at the start
+  generate_s                    seconds to generate the activities
+  rebuild_s, rebuild_users_per_s                    aggregates rebuilt from the activities
+  rescoring_first_s, rescoring_s, rescoring_users_per_s   full ranking, first and again
+  ingest_activities, ingest_concurrency             activities sent through REST, in flight
+  ingest_s, ingest_activities_per_s                 until the last response
+  ingest_published_s, ingest_published_per_s        until the outbox had published them all
+  audience_events, audience_s, audience_events_per_s    audience to Kafka, acknowledged
+  peak_mb_before_audience, peak_mb                  peak RSS of this process (server side)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import resource
+import socket
+import sys
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+import orjson
+import uvicorn
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -90,25 +109,16 @@ async def generate(conn: Any, users: int, per_user: int) -> None:
     )
 
 
-async def ingest(client: httpx.AsyncClient, users: int, total: int, concurrency: int) -> int:
-    rng = random.Random(1)
-    batches = total // 1000
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for b in range(batches):
-        queue.put_nowait(b)
-    recorded = 0
-
-    async def worker() -> None:
-        nonlocal recorded
-        while True:
-            try:
-                b = queue.get_nowait()
-            except asyncio.QueueEmpty:
-                return
-            body = {
+def ingest_bodies(users: int, total: int, seed: int) -> list[bytes]:
+    """The request bodies of `total` activities of random users, 1,000 per batch."""
+    rng = random.Random(seed)
+    tag = uuid.uuid4().hex[:6]
+    return [
+        orjson.dumps(
+            {
                 "activities": [
                     {
-                        "id": f"r-{b}-{i}",
+                        "id": f"r-{tag}-{b}-{i}",
                         "user_id": f"u-{rng.randrange(users):08d}",
                         "kind": "purchase" if i % 3 else "visit",
                         "occurred_at": (NOW - timedelta(minutes=i)).isoformat(),
@@ -119,15 +129,77 @@ async def ingest(client: httpx.AsyncClient, users: int, total: int, concurrency:
                     for i in range(1000)
                 ]
             }
-            response = await client.post("/v1/activities", json=body)
-            response.raise_for_status()
-            recorded += response.json()["recorded"]
-
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return recorded
+        )
+        for b in range(total // 1000)
+    ]
 
 
-async def run(args: argparse.Namespace) -> None:
+async def client(url: str, users: int, total: int, concurrency: int) -> dict[str, float]:
+    """The ingest client (its own process): post every body, `concurrency` in flight."""
+    bodies = ingest_bodies(users, total, seed=os.getpid())
+    recorded = 0
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(
+        base_url=url,
+        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
+        timeout=300,
+        limits=limits,
+    ) as http:
+        queue = list(reversed(bodies))
+
+        async def worker() -> None:
+            nonlocal recorded
+            while queue:
+                response = await http.post("/v1/activities", content=queue.pop())
+                response.raise_for_status()
+                recorded += response.json()["recorded"]
+
+        started_at = time.time()
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        seconds = time.perf_counter() - started
+    return {"recorded": recorded, "seconds": seconds, "started_at": started_at}
+
+
+async def ingest(app: Any, users: int, total: int, concurrency: int) -> dict[str, float]:
+    """Serve `app` with uvicorn here; the client posts from another process."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host="127.0.0.1", port=port, lifespan="off", log_config=None, access_log=False
+        )
+    )
+    serving = asyncio.create_task(server.serve())
+    try:
+        while not server.started:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "benchmarks.segmentation",
+            "--client",
+            f"http://127.0.0.1:{port}",
+            "--users",
+            str(users),
+            "--ingest",
+            str(total),
+            "--concurrency",
+            str(concurrency),
+            stdout=asyncio.subprocess.PIPE,
+        )
+        out, _ = await process.communicate()
+        if process.returncode != 0:
+            raise SystemExit(f"the ingest client failed (exit {process.returncode})")
+        result: dict[str, float] = json.loads(out.decode().strip().splitlines()[-1])
+        return result
+    finally:
+        server.should_exit = True
+        await serving
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
     server = args.database_url or os.environ.get("AFTERGLOW_DATABASE_URL", "")
     kafka = args.kafka or os.environ.get("AFTERGLOW_KAFKA_BOOTSTRAP_SERVERS", "")
     if not server.startswith("postgresql") or not kafka:
@@ -139,6 +211,7 @@ async def run(args: argparse.Namespace) -> None:
         await conn.execute(text(f'CREATE DATABASE "{name}"'))
     url = make_url(server).set(database=name).render_as_string(hide_password=False)
     print(f"segmentation benchmark: {users:,} users, {10 * users:,} activities, database {name}")
+    figures: dict[str, Any] = {"load_1m": round(os.getloadavg()[0], 2)}
     try:
         settings = Settings(
             database_url=url,
@@ -161,34 +234,47 @@ async def run(args: argparse.Namespace) -> None:
             async with engine.connect() as conn:
                 await conn.execute(text("COMMIT"))
                 await conn.execute(text("VACUUM ANALYZE segmentation.activities"))
-            line("generate activities", 10 * users, time.perf_counter() - started, "rows")
+            seconds = time.perf_counter() - started
+            line("generate activities", 10 * users, seconds, "rows")
+            figures.update(users=users, activities=10 * users, generate_s=seconds)
 
             started = time.perf_counter()
             rebuilt = await handlers.rebuild(ctx)
-            line("rebuild from activities", rebuilt, time.perf_counter() - started, "users")
+            seconds = time.perf_counter() - started
+            line("rebuild from activities", rebuilt, seconds, "users")
+            figures.update(rebuild_s=seconds, rebuild_users_per_s=rebuilt / seconds)
             async with engine.connect() as conn:
                 await conn.execute(text("COMMIT"))
                 await conn.execute(text("VACUUM ANALYZE segmentation.aggregates"))
-            for label in ("rescoring (first)", "rescoring (again)"):
+            for label, key in (
+                ("rescoring (first)", "rescoring_first_s"),
+                ("rescoring (again)", "rescoring_s"),
+            ):
                 started = time.perf_counter()
                 ranking = await handlers.rescore(ctx)
                 assert ranking is not None
-                line(label, ranking.users, time.perf_counter() - started, "users")
+                seconds = time.perf_counter() - started
+                line(label, ranking.users, seconds, "users")
+                figures[key] = seconds
+            figures["rescoring_users_per_s"] = ranking.users / figures["rescoring_s"]
 
-            async with httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app),
-                base_url="http://segmentation",
-                headers={"Authorization": f"Bearer {TOKEN}"},
-                timeout=120,
-            ) as client:
-                started = time.perf_counter()
-                recorded = await ingest(client, users, args.ingest, args.concurrency)
-                line(
-                    f"REST ingest (x{args.concurrency})",
-                    recorded,
-                    time.perf_counter() - started,
-                    "activities",
-                )
+            before = ctx.outbox.published_total
+            sent = await ingest(app, users, args.ingest, args.concurrency)
+            recorded = int(sent["recorded"])
+            line(f"REST ingest (x{args.concurrency})", recorded, sent["seconds"], "activities")
+            while ctx.outbox.published_total - before < recorded:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+            # From the client's first request (wall clock: the client is another process).
+            published = time.time() - sent["started_at"]
+            line("  ... published to Kafka", recorded, published, "activities")
+            figures.update(
+                ingest_activities=recorded,
+                ingest_concurrency=args.concurrency,
+                ingest_s=sent["seconds"],
+                ingest_activities_per_s=recorded / sent["seconds"],
+                ingest_published_s=published,
+                ingest_published_per_s=recorded / published,
+            )
 
             audience = args.audience or users
             async with engine.begin() as conn:
@@ -203,23 +289,26 @@ async def run(args: argparse.Namespace) -> None:
             await engine.dispose()
             ended = PromotionEnded(promotion_id="bench", ended_at=NOW, name="bench")
             event = default_registry().decode(encode(ended, source="bench", time=NOW))
-            before = ctx.outbox.published_total
             rss_before = peak_mb()
+            # Returns once Kafka acknowledged the last chunk (published straight to the bus).
             started = time.perf_counter()
             await handlers.on_promotion_ended(ctx, event)
-            staged = time.perf_counter() - started
-            # The relay counts what Kafka acknowledged; it signals nothing else to wait on.
-            while ctx.outbox.published_total - before < audience:  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
             elapsed = time.perf_counter() - started
-            line("audience into the outbox", audience, staged, "events")
             line("audience to Kafka (acked)", audience, elapsed, "events")
             print(f"  peak memory before emission {rss_before:,.0f} MB, after {peak_mb():,.0f} MB")
+            figures.update(
+                audience_events=audience,
+                audience_s=elapsed,
+                audience_events_per_s=audience / elapsed,
+                peak_mb_before_audience=rss_before,
+                peak_mb=peak_mb(),
+            )
     finally:
         if not args.keep:
             async with admin.connect() as conn:
                 await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         await admin.dispose()
+    return figures
 
 
 def main() -> None:
@@ -228,12 +317,25 @@ def main() -> None:
     parser.add_argument("--ingest", type=int, default=200_000, help="activities through REST")
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight")
     parser.add_argument("--audience", type=int, default=0, help="participants (default: users)")
-    parser.add_argument("--chunk", type=int, default=2000, help="audience events per transaction")
+    parser.add_argument("--chunk", type=int, default=10_000, help="audience events per chunk")
     parser.add_argument("--outbox-batch", type=int, default=5000)
     parser.add_argument("--database-url", default=None)
     parser.add_argument("--kafka", default=None)
     parser.add_argument("--keep", action="store_true", help="keep the database afterwards")
-    asyncio.run(run(parser.parse_args()))
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    parser.add_argument("--client", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.client:
+        result = asyncio.run(client(args.client, args.users, args.ingest, args.concurrency))
+        print(json.dumps(result))
+        return
+    figures = asyncio.run(run(args))
+    if args.json:
+        rounded = {k: round(v, 3) if isinstance(v, float) else v for k, v in figures.items()}
+        with open(args.json, "w") as out:
+            json.dump(rounded, out, indent=2)
+            out.write("\n")
+        print(f"  figures written to {args.json}")
 
 
 if __name__ == "__main__":
