@@ -12,6 +12,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationErro
 from services.delivery import domain, handlers
 from services.delivery.runtime import DeliveryRuntime
 from shared.auth import require_scope
+from shared.events import Channel
 from shared.problems import Problem, field_path
 from shared.service import Ctx, ServiceContext
 
@@ -29,6 +30,8 @@ def runtime(ctx: ServiceContext) -> DeliveryRuntime:
 
 class DeliveryPublic(BaseModel):
     touch_id: str
+    # 0 for a touch's first channel; 1.. for the other channels of a parallel touch.
+    lane: int = 0
     promotion_id: str
     wave: str
     channel: str | None
@@ -69,9 +72,12 @@ class ChannelsPublic(BaseModel):
 
 class ReceiptIn(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    id: str = Field(min_length=1, max_length=64)
+    # The touch id, or a parallel lane's Idempotency-Key `<touch id>:<channel>`.
+    id: str = Field(min_length=1, max_length=81)
     event: Literal["delivered", "opened", "clicked", "bounced", "complained", "unsubscribed"]
     at: AwareDatetime
+    # Which channel's send the receipt is about (a parallel touch has several).
+    channel: Channel | None = None
 
 
 class ReceiptAck(BaseModel):
@@ -129,7 +135,9 @@ async def post_receipt(request: Request, ctx: Ctx) -> JSONResponse:
     except ValidationError as exc:
         raise _invalid(exc) from None
     try:
-        recorded = await handlers.record_receipt(ctx, receipt.id, receipt.event, receipt.at)
+        recorded = await handlers.record_receipt(
+            ctx, receipt.id, receipt.event, receipt.at, receipt.channel
+        )
     except handlers.UnknownTouch:
         raise Problem(404, f"no delivery for touch {receipt.id!r}", field="id") from None
     ack = ReceiptAck(touch_id=receipt.id, event=receipt.event, recorded=recorded)

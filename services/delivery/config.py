@@ -72,6 +72,9 @@ class DeliveryConfig(BaseModel):
     channels: dict[Channel, ChannelConfig] = Field(default_factory=dict)
     # Provider calls in flight at once in one process, over all channels.
     concurrency: int = Field(512, ge=1)
+    # A new touch without consent on any of its channels waits this long for the
+    # user.updated that may be racing it, then is decided (0: decide at once).
+    consent_wait_s: float = Field(2.0, ge=0, le=30)
 
     @model_validator(mode="after")
     def _every_channel(self) -> DeliveryConfig:

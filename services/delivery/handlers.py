@@ -21,6 +21,7 @@ once); `delivery.failed` is reported only when every lane failed, by the last to
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -213,6 +214,50 @@ async def on_touches_due(
                 work.cost = row.cost or 0.0
                 work.resume = row.channel is not None
             pending.append(work)
+    wait_s = rt.config.consent_wait_s
+    waiting = [w for w in pending if wait_s > 0 and _waits_for_consent(w, rt)]
+    if not waiting:
+        await _deliver(ctx, rt, pending)
+        return
+    ready = [w for w in pending if not _waits_for_consent(w, rt)]
+    await asyncio.gather(_deliver(ctx, rt, ready), _deliver_later(ctx, rt, waiting, wait_s))
+
+
+def _waits_for_consent(work: Work, rt: DeliveryRuntime) -> bool:
+    """A new touch none of whose channels has consent and an address (yet): see `_deliver_later`."""
+    if work.row_exists or work.tried or work.group.holders:
+        return False
+    contact = work.contact
+    if contact is not None and contact.erased:
+        return False
+    return all(
+        domain.unavailable_reason(contact, channel, rt.terms) == "no_consent"
+        for channel in domain.candidate_channels(work.due)
+    )
+
+
+async def _deliver_later(
+    ctx: ServiceContext, rt: DeliveryRuntime, works: list[Work], wait_s: float
+) -> None:
+    """The consent race: wait briefly for the `user.updated` that grants consent.
+
+    `touch.due` (topic touches) and the `user.updated` that gave the consent it was planned
+    on (topic users) are not ordered with each other, so a touch may arrive first. It then
+    waits `consent_wait_s` (while the rest of the batch goes on), its contact is read again,
+    and only then it is decided as usual: no consent and address by then is `no_consent`.
+    Delivery never sends on the strength of the touch alone: the touch carries no address,
+    and a withdrawal that raced the touch must win.
+    """
+    await asyncio.sleep(wait_s)
+    async with ctx.db.connect() as conn:
+        contacts = await load_contacts(conn, (w.due.user_id for w in works))
+    for work in works:
+        work.contact = contacts.get(work.due.user_id)
+    await _deliver(ctx, rt, works)
+
+
+async def _deliver(ctx: ServiceContext, rt: DeliveryRuntime, pending: list[Work]) -> None:
+    """Rounds until every lane is settled: record, call, settle, fall back."""
     in_flight: list[Work] = []
     while pending or in_flight:
         to_call = await _round(ctx, rt, settle=in_flight, decide=pending)
@@ -620,18 +665,45 @@ class UnknownTouch(LookupError):
 
 
 async def record_receipt(
-    ctx: ServiceContext, touch_id: str, kind: ReceiptKind, at: datetime
+    ctx: ServiceContext,
+    receipt_id: str,
+    kind: ReceiptKind,
+    at: datetime,
+    channel: str | None = None,
 ) -> bool:
-    """Turn a provider receipt into an engagement; False when it was recorded before."""
-    d = store.deliveries
+    """Turn a provider receipt into an engagement; False when it was recorded before.
+
+    `receipt_id` is the touch id, or the Idempotency-Key of a parallel lane
+    (`<touch id>:<channel>`), which is what a provider that echoes the key sends back;
+    `channel` names the lane as well. A receipt is recorded once per lane and kind,
+    with the lane's channel: the push "opened" of a day-7 SMS + push touch counts for
+    push, and does not hide the SMS "opened".
+    """
+    d, p = store.deliveries, store.parallel_sends
     now = ctx.clock.now()
     async with ctx.db.begin() as conn:
-        row = (await conn.execute(select(d).where(d.c.touch_id == touch_id))).first()
+        row = (await conn.execute(select(d).where(d.c.touch_id == receipt_id))).first()
+        if row is None and ":" in receipt_id:
+            touch_id, _, keyed = receipt_id.rpartition(":")
+            if channel is not None and channel != keyed:
+                raise UnknownTouch(receipt_id)
+            channel = keyed
+            row = (await conn.execute(select(d).where(d.c.touch_id == touch_id))).first()
         if row is None:
-            raise UnknownTouch(touch_id)
+            raise UnknownTouch(receipt_id)
+        sent_on, cost, key = row.channel, row.cost, row.touch_id
+        if channel is not None and channel != row.channel:
+            lane = (
+                await conn.execute(
+                    select(p).where(p.c.touch_id == row.touch_id).where(p.c.channel == channel)
+                )
+            ).first()
+            if lane is None:
+                raise UnknownTouch(receipt_id)
+            sent_on, cost, key = lane.channel, lane.cost, _lane_receipt_key(row.touch_id, channel)
         inserted = await conn.execute(
             insert_ignore(store.receipts),
-            {"touch_id": touch_id, "kind": kind, "at": at, "received_at": now},
+            {"touch_id": key, "kind": kind, "at": at, "received_at": now},
         )
         if inserted.rowcount != 1:
             return False
@@ -640,17 +712,28 @@ async def record_receipt(
             "user_id": row.user_id,
             "promotion_id": row.promotion_id,
             "wave": row.wave,
-            "channel": row.channel,
+            "channel": sent_on,
             "variant": row.variant,
         }
         events: list[EventData] = [EngagementRecorded(**common, kind=kind, at=at)]
         if kind == "bounced":
-            events.append(DeliveryBounced(**common, at=at, cost=row.cost or 0.0))
-        if kind in ("unsubscribed", "complained") and row.channel:
-            await _withdraw_consent(conn, row.user_id, row.channel, now)
+            events.append(DeliveryBounced(**common, at=at, cost=cost or 0.0))
+        if kind in ("unsubscribed", "complained") and sent_on:
+            await _withdraw_consent(conn, row.user_id, sent_on, now)
         await ctx.outbox.add(conn, events, now=now)
     ctx.outbox.notify()
     return True
+
+
+def _lane_receipt_key(touch_id: str, channel: str) -> str:
+    """The receipts row key of a parallel lane; a digest where the key would not fit."""
+    key = f"{touch_id}:{channel}"
+    if len(key) <= RECEIPT_KEY_MAX:
+        return key
+    return hashlib.sha256(key.encode()).hexdigest()[:RECEIPT_KEY_MAX]
+
+
+RECEIPT_KEY_MAX = 64  # receipts.touch_id
 
 
 async def _withdraw_consent(
@@ -671,29 +754,40 @@ async def _withdraw_consent(
 
 
 async def user_deliveries(ctx: ServiceContext, user_id: str) -> list[dict[str, Any]]:
-    d = store.deliveries
+    """Every send of one user, oldest first: one entry per lane of a parallel touch."""
+    d, p = store.deliveries, store.parallel_sends
     async with ctx.db.connect() as conn:
         rows = (
             await conn.execute(select(d).where(d.c.user_id == user_id).order_by(d.c.updated_at))
         ).all()
-    return [
-        {
-            "touch_id": r.touch_id,
-            "promotion_id": r.promotion_id,
-            "wave": r.wave,
-            "channel": r.channel,
-            "variant": r.variant,
-            "status": r.status,
-            "reason": r.reason,
-            "attempts": r.attempts,
-            "cost": r.cost or 0.0,
-            "provider_message_id": r.provider_message_id,
-            "coupon_code": r.coupon_code,
-            "tried": list(r.tried or []),
-            "at": r.updated_at,
-        }
-        for r in rows
-    ]
+        lanes: dict[str, list[Any]] = {}
+        ids = [r.touch_id for r in rows]
+        for start in range(0, len(ids), 500):
+            query = select(p).where(p.c.touch_id.in_(ids[start : start + 500]))
+            for lane in (await conn.execute(query.order_by(p.c.lane))).all():
+                lanes.setdefault(lane.touch_id, []).append(lane)
+    listed = []
+    for r in rows:
+        for lane, row in [(0, r), *((x.lane, x) for x in lanes.get(r.touch_id, []))]:
+            listed.append(
+                {
+                    "touch_id": r.touch_id,
+                    "lane": lane,
+                    "promotion_id": r.promotion_id,
+                    "wave": r.wave,
+                    "channel": row.channel,
+                    "variant": r.variant,
+                    "status": row.status,
+                    "reason": row.reason,
+                    "attempts": row.attempts,
+                    "cost": row.cost or 0.0,
+                    "provider_message_id": row.provider_message_id,
+                    "coupon_code": row.coupon_code,
+                    "tried": list(row.tried or []),
+                    "at": row.updated_at,
+                }
+            )
+    return listed
 
 
 async def channel_report(

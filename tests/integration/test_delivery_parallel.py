@@ -198,3 +198,41 @@ async def _quiet(stack: Stack) -> None:
     """Let the consumer take what was published and the outbox relay what it wrote."""
     await asyncio.sleep(0.5)
     await stack.ctx.outbox.relay_once()
+
+
+async def test_every_lane_is_listed_and_gets_its_own_receipts(database_url: str) -> None:
+    async with ProviderServer() as sms, ProviderServer() as push:
+        config = channels(sms={"base_url": sms.url}, push={"base_url": push.url})
+        async with delivery(database_url, config) as stack:
+            await stack.users(user("u-1", "sms", "push"))
+            await stack.publish(parallel("t-1", "u-1", "sms", "push"))
+            await stack.settled(2)
+            listed = (await stack.client.get("/v1/deliveries", params={"user_id": "u-1"})).json()
+            assert [
+                (d["touch_id"], d["lane"], d["channel"], d["status"]) for d in listed["deliveries"]
+            ] == [
+                ("t-1", 0, "sms", "sent"),
+                ("t-1", 1, "push", "sent"),
+            ]
+            assert len({d["coupon_code"] for d in listed["deliveries"]}) == 1
+
+            at = '"at": "2026-03-08T12:05:00+00:00"'
+            answers = [
+                await stack.post_receipt(body.encode())
+                for body in (
+                    f'{{"id": "t-1", "event": "opened", {at}}}',  # the touch: lane 0 (sms)
+                    f'{{"id": "t-1:push", "event": "opened", {at}}}',  # push's key
+                    f'{{"id": "t-1", "channel": "push", "event": "opened", {at}}}',  # again
+                    f'{{"id": "t-1:email", "event": "opened", {at}}}',  # no such lane
+                )
+            ]
+            assert [a.status_code for a in answers] == [202, 202, 200, 404]
+
+            async def engagements() -> bool:
+                return len(stack.events("engagements")) == 2
+
+            await eventually(engagements)
+            assert sorted((e.touch_id, e.channel, e.kind) for e in stack.events("engagements")) == [
+                ("t-1", "push", "opened"),
+                ("t-1", "sms", "opened"),
+            ]

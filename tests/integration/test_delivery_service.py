@@ -155,9 +155,12 @@ async def delivery(database_url: str, config: DeliveryConfig) -> AsyncIterator[S
         await bus.stop()
 
 
-def channels(**per_channel: dict[str, Any]) -> DeliveryConfig:
+def channels(consent_wait_s: float = 0.2, **per_channel: dict[str, Any]) -> DeliveryConfig:
     return DeliveryConfig(
-        channels={name: ChannelConfig(**{**FAST, **values}) for name, values in per_channel.items()}
+        channels={
+            name: ChannelConfig(**{**FAST, **values}) for name, values in per_channel.items()
+        },
+        consent_wait_s=consent_wait_s,
     )
 
 
@@ -542,3 +545,21 @@ async def test_a_crash_between_call_and_commit_repeats_the_same_key_once(
         assert len(stack.outcomes()) == 1 and len(sms.calls) == 2
         first, second = (c.json() for c in sms.calls)
         assert first == second, "the repeated call must carry the same message and coupon"
+
+
+async def test_a_touch_that_arrives_before_the_consent_waits_for_it(database_url: str) -> None:
+    async with (
+        ProviderServer() as sms,
+        delivery(database_url, channels(consent_wait_s=1.5, sms={"base_url": sms.url})) as stack,
+    ):
+        # touch.due (topic touches) overtakes the user.updated (topic users) it was planned on.
+        await stack.publish(touch("t-1", "u-late", "sms"), touch("t-2", "u-never", "sms"))
+        await asyncio.sleep(0.2)
+        assert sms.calls == [] and stack.outcomes() == []
+        await stack.users(user("u-late", "sms"))
+        outcomes = {e.touch_id: e for e in await stack.settled(2)}
+        assert type(outcomes["t-1"]).__name__ == "DeliverySent"
+        assert [c.key for c in sms.calls] == ["t-1"]
+        # Nobody gave consent within the wait: no_consent, nothing sent.
+        assert type(outcomes["t-2"]).__name__ == "DeliveryFailed"
+        assert outcomes["t-2"].reason == "no_consent"
