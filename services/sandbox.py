@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from types import TracebackType
 from typing import Any
 
@@ -149,8 +150,24 @@ class LoopbackHttpServer:
         await writer.drain()
 
 
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """One message the sandbox accepted: what a provider's own log would show."""
+
+    key: str
+    touch_id: str
+    user_id: str
+    channel: str
+    promotion_id: str
+    wave: str
+    at: datetime | None  # the caller's clock at acceptance (None without a clock)
+
+
 class SandboxProvider:
-    """The generic contract with a latency, an optional failure share and idempotency."""
+    """The generic contract with a latency, an optional failure share and idempotency.
+
+    `clock` (e.g. the demo's manual clock) stamps every accepted message in `messages`.
+    """
 
     def __init__(
         self,
@@ -160,6 +177,7 @@ class SandboxProvider:
         seed: int | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
+        clock: Callable[[], datetime] | None = None,
     ) -> None:
         if not 0.0 <= fail_share <= 1.0:
             raise ValueError("fail_share must be between 0 and 1")
@@ -169,6 +187,8 @@ class SandboxProvider:
         self.http = LoopbackHttpServer(self.handle, host=host, port=port)
         # Idempotency-Key -> (provider_message_id, accepted at, epoch seconds).
         self.accepted: dict[str, tuple[str, float]] = {}
+        self.messages: list[Accepted] = []
+        self._clock = clock
         self.calls = 0
         self.failed = 0
         self.duplicates = 0
@@ -223,6 +243,17 @@ class SandboxProvider:
             return HttpResponse.json(503, {"error": "sandbox failure"})
         message_id = f"sbx-{len(self.accepted) + 1}"
         self.accepted[key] = (message_id, time.time())
+        self.messages.append(
+            Accepted(
+                key,
+                str(message["id"]),
+                str(message["user_id"]),
+                str(message["channel"]),
+                str(message["promotion_id"]),
+                str(message["wave"]),
+                self._clock() if self._clock is not None else None,
+            )
+        )
         return HttpResponse.json(200, {"provider_message_id": message_id})
 
 

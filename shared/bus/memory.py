@@ -161,6 +161,15 @@ class InProcessBus(Bus):
             for member, partitions in wanted.items():
                 member._assign(partitions)
 
+    def backlog(self) -> int:
+        """Messages not yet committed by the groups that read their topics (0: all handled)."""
+        total = 0
+        for group in self._groups.values():
+            for topic in {t for member in group.members for t in member.topics}:
+                for index, part in enumerate(self._topics.get(topic, ())):
+                    total += len(part.log) - group.committed.get((topic, index), 0)
+        return total
+
     def _committed(self, group: str, tp: tuple[str, int]) -> int:
         return self._groups[group].committed.get(tp, 0)
 
