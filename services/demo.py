@@ -542,6 +542,9 @@ async def serve_forever(stack: Embedded) -> None:
     )
     print(f"\nServing (token {DEV_TOKEN!r}); Ctrl-C to stop:\n{where}")
     print(
+        f"  dashboard     http://127.0.0.1:{DEFAULT_PORTS['metrics']}/dashboard#token={DEV_TOKEN}"
+    )
+    print(
         "  e.g. curl -H 'Authorization: Bearer dev-token' "
         "'http://127.0.0.1:8004/v1/funnel?promotion_id=spring-sale&group_by=wave'"
     )

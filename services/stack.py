@@ -321,6 +321,9 @@ async def run_stack(
             print(f"  {name:<13} {proc.url}  (docs {proc.url}/docs, pid {proc.pid})")
         if "sandbox" in stack.extras:
             print(f"  {'sandbox':<13} {stack.extras['sandbox'].url}  (provider for every channel)")
+        if "metrics" in stack.procs:
+            token = "dev-token" if not env.get("AFTERGLOW_API_TOKENS") else "<token>"
+            print(f"  dashboard     {stack.url('metrics')}/dashboard#token={token}")
         print("Ctrl-C stops them all.", flush=True)
         if on_ready is not None:
             on_ready(stack)
