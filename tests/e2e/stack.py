@@ -1,10 +1,10 @@
 """The four services as separate OS processes on real Kafka and PostgreSQL, for tests.
 
-    async with process_stack(kafka, database_url, provider.url, tmp_path, start=START) as s:
+    async with process_stack(kafka, db_url, provider.url, tmp_path, start=START,
+                             topic_prefix="e2e-1.") as s:
         await s.set_clock(START + timedelta(hours=1))        # PUT /v1/admin/clock on each
         await s.clients["scheduling"].get("/v1/promotions/p-1/plan")
-        s.stack.procs["delivery"].kill(); s.stack.restart("delivery")   # fault injection
-        await s.stack.wait_ready()
+        s.kill("delivery"); await s.restart("delivery")   # fault injection: SIGKILL, start again
 
 Every process runs `afterglow serve <name>` (services/stack.py) with its own port, a
 topic prefix and consumer groups of its own, and the manual clock. The processes are
@@ -82,6 +82,21 @@ class ProcessStack:
                 answer = await self.clients[name].put("/v1/admin/clock", json=body)
                 if answer.status_code != 200:
                     raise AssertionError(f"{name} refused the clock: {answer.text}")
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one service's process group at once: no drain, no commit (fault injection)."""
+        self.stack.procs[name].kill()
+
+    async def restart(self, name: str, timeout_s: float = 60.0) -> None:
+        """Start a killed or stopped service again, wait until it is ready, and bring its
+        fresh manual clock (it starts at the wall time) to the time the others have."""
+        self.stack.restart(name)
+        await self.stack.wait_ready(timeout_s=timeout_s, names=[name])
+        if self.timeline.times:
+            body = {"now": self.timeline.times[-1].astimezone(UTC).isoformat()}
+            answer = await self.clients[name].put("/v1/admin/clock", json=body)
+            if answer.status_code != 200:
+                raise AssertionError(f"{name} refused the clock: {answer.text}")
 
 
 @contextlib.asynccontextmanager
