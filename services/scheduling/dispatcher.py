@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections import defaultdict
 from collections.abc import Coroutine
-from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import String, and_, bindparam, func, literal, select, text, update
+import orjson
+from sqlalchemy import String, Text, and_, bindparam, cast, func, literal, select, text, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -41,7 +42,7 @@ from services.scheduling.state import (
     policy_at,
     state,
 )
-from shared.events import TouchDue, TouchSuppressed
+from shared.events import Channel, TouchDue, TouchSuppressed
 from shared.service import ServiceContext
 
 log = logging.getLogger(__name__)
@@ -193,16 +194,31 @@ async def _promotions(
     }
 
 
+_USER_COLUMNS = (
+    _u.c.user_id,
+    _u.c.timezone,
+    _u.c.erased_at,
+    _u.c.fatigue,
+    _u.c.paused,
+    _u.c.unanswered,
+    _u.c.last_engaged_at,
+    _u.c.first_seen_at,
+)
+
+
 async def _users(
     conn: AsyncConnection, user_ids: list[str], now: datetime
 ) -> dict[str, domain.UserView]:
     u, c = store.users, store.contacts
     views = {uid: domain.UserView() for uid in user_ids}
-    rows = (await conn.execute(select(u).where(_among(conn, u.c.user_id, user_ids)))).all()
-    for r in rows:
+    # Consent as text, decoded with orjson: the JSON type's decoder is the slow stdlib one.
+    query = select(*_USER_COLUMNS, cast(u.c.consent, Text).label("consent")).where(
+        _among(conn, u.c.user_id, user_ids)
+    )
+    for r in (await conn.execute(query)).all():
         view = views[r.user_id]
         view.timezone = r.timezone or "UTC"
-        view.consent = dict(r.consent or {})
+        view.consent = orjson.loads(r.consent) if r.consent else {}
         view.erased = r.erased_at is not None
         view.fatigue = fatigue_of(r)
         view.first_seen = r.first_seen_at
@@ -218,32 +234,107 @@ async def _users(
     return views
 
 
+# PostgreSQL: every decision of a batch in one statement (deferred touches stay planned).
+_DECIDED_PG = text(
+    "UPDATE scheduling.touches AS t SET"
+    " status = v.status,"
+    " channel = CASE WHEN v.status = 'dispatched' THEN v.channel ELSE t.channel END,"
+    " dispatched_at = CASE WHEN v.status = 'dispatched' THEN :now ELSE t.dispatched_at END,"
+    " reason = CASE WHEN v.status = 'dispatched' THEN t.reason ELSE v.reason END,"
+    " due_at = COALESCE(v.due, t.due_at),"
+    " deferrals = t.deferrals + CASE WHEN v.due IS NULL THEN 0 ELSE 1 END,"
+    " deferred_s = t.deferred_s + COALESCE(v.delay, 0),"
+    " updated_at = :now"
+    " FROM unnest(CAST(:ids AS text[]), CAST(:statuses AS text[]), CAST(:channels AS text[]),"
+    " CAST(:reasons AS text[]), CAST(:dues AS timestamptz[]), CAST(:delays AS float8[]))"
+    " AS v(touch_id, status, channel, reason, due, delay)"
+    " WHERE t.touch_id = v.touch_id"
+)
+
+
+_USER_FATIGUE_PG = text(
+    "UPDATE scheduling.users AS u SET fatigue = v.fatigue, paused = CAST(v.paused AS json),"
+    " unanswered = v.unanswered, last_engaged_at = v.engaged, updated_at = :now"
+    " FROM unnest(CAST(:users AS text[]), CAST(:states AS text[]), CAST(:paused AS text[]),"
+    " CAST(:unanswered AS int[]), CAST(:engaged AS timestamptz[]))"
+    " AS v(user_id, fatigue, paused, unanswered, engaged)"
+    " WHERE u.user_id = v.user_id"
+)
+
+
 class _Outcome:
     """Everything one dispatch transaction writes, gathered for bulk statements."""
 
     def __init__(self, encoder: FastEncoder) -> None:
         self.encoder = encoder
         self.now = encoder.now
-        self.sent: list[dict[str, Any]] = []
-        self.suppressed: list[dict[str, Any]] = []
-        self.deferred: list[dict[str, Any]] = []
+        # (touch_id, status, channel, reason, deferred until, delay in seconds)
+        self.decided: list[tuple[str, str, str | None, str | None, datetime | None, float]] = []
         self.contacts: list[tuple[Any, ...]] = []
         self.fatigue: list[dict[str, Any]] = []
         self.history: list[dict[str, Any]] = []
 
     async def write(self, ctx: ServiceContext, conn: AsyncConnection) -> None:
-        for statement, params in (
-            (_SENT, self.sent),
-            (_SUPPRESSED, self.suppressed),
-            (_DEFERRED, self.deferred),
-            (_USER_FATIGUE, self.fatigue),
-        ):
-            if params:
-                await conn.execute(statement, params)
+        if self.decided and conn.dialect.name == "postgresql":
+            columns = list(zip(*self.decided, strict=True))
+            await conn.execute(
+                _DECIDED_PG,
+                {
+                    "ids": list(columns[0]),
+                    "statuses": list(columns[1]),
+                    "channels": list(columns[2]),
+                    "reasons": list(columns[3]),
+                    "dues": list(columns[4]),
+                    "delays": list(columns[5]),
+                    "now": self.now,
+                },
+            )
+        elif self.decided:
+            await self._write_each(conn)
+        if self.fatigue and conn.dialect.name == "postgresql":
+            f = self.fatigue
+            await conn.execute(
+                _USER_FATIGUE_PG,
+                {
+                    "users": [r["b_user"] for r in f],
+                    "states": [r["b_fatigue"] for r in f],
+                    "paused": [
+                        None if r["b_paused"] is None else orjson.dumps(r["b_paused"]).decode()
+                        for r in f
+                    ],
+                    "unanswered": [r["b_unanswered"] for r in f],
+                    "engaged": [r["b_engaged"] for r in f],
+                    "now": self.now,
+                },
+            )
+        elif self.fatigue:
+            await conn.execute(_USER_FATIGUE, self.fatigue)
         await bulk_insert(conn, store.contacts, CONTACT_COLUMNS, self.contacts)
         if self.history:
             await conn.execute(store.fatigue_history.insert(), self.history)
         await bulk_insert(conn, store.outbox, OUTBOX_COLUMNS, self.encoder.rows)
+
+    async def _write_each(self, conn: AsyncConnection) -> None:
+        now = self.now
+        sent, suppressed, deferred = [], [], []
+        for touch_id, status, channel, reason, until, delay in self.decided:
+            if status == "dispatched":
+                sent.append({"b_id": touch_id, "b_channel": channel, "b_now": now})
+            elif status == "suppressed":
+                suppressed.append({"b_id": touch_id, "b_reason": reason, "b_now": now})
+            else:
+                deferred.append(
+                    {
+                        "b_id": touch_id,
+                        "b_due": until,
+                        "b_reason": reason,
+                        "b_delay": delay,
+                        "b_now": now,
+                    }
+                )
+        for statement, params in ((_SENT, sent), (_SUPPRESSED, suppressed), (_DEFERRED, deferred)):
+            if params:
+                await conn.execute(statement, params)
 
 
 def _decide(
@@ -263,25 +354,7 @@ def _decide(
         user.fatigue, now, user.first_seen, policy_fatigue.fatigue
     )
     by_id = {r.touch_id: r for r in rows}
-    due = [
-        domain.DueTouch(
-            touch_id=r.touch_id,
-            promotion_id=r.promotion_id,
-            wave=r.wave,
-            variant=r.variant or "",
-            due_at=r.due_at,
-            deadline=r.deadline or r.due_at,
-            parallel=r.parallel,
-            rank=r.rank,
-            essential=r.essential,
-            promotion_ended_at=promotions[r.promotion_id].ended_at
-            if r.promotion_id in promotions
-            else r.due_at,
-            channel_order=tuple(c for c in (r.channel_order or "").split(",") if c),  # type: ignore[misc]
-            cancelled=r.promotion_id not in promotions or promotions[r.promotion_id].cancelled,
-        )
-        for r in rows
-    ]
+    due = [_due_touch(r, promotions.get(r.promotion_id)) for r in rows]
 
     def policy_of(touch: domain.DueTouch) -> Policy:
         promotion = promotions.get(touch.promotion_id)
@@ -300,7 +373,7 @@ def _decide(
         if isinstance(decision, domain.Send):
             assert promotion is not None
             channels = list(decision.channels)
-            out.sent.append({"b_id": touch.touch_id, "b_channel": channels[0], "b_now": now})
+            out.decided.append((touch.touch_id, "dispatched", channels[0], None, None, 0.0))
             out.contacts.append(
                 (touch.touch_id, user_id, now, touch.promotion_id, touch.wave, "reserved")
             )
@@ -311,19 +384,12 @@ def _decide(
                 _touch_due(common, row, channels, promotion, touch),
             )
         elif isinstance(decision, domain.Defer):
-            out.deferred.append(
-                {
-                    "b_id": touch.touch_id,
-                    "b_due": decision.until,
-                    "b_reason": decision.reason,
-                    "b_delay": (decision.until - row.due_at).total_seconds(),
-                    "b_now": now,
-                }
+            delay = (decision.until - row.due_at).total_seconds()
+            out.decided.append(
+                (touch.touch_id, "planned", None, decision.reason, decision.until, delay)
             )
         else:
-            out.suppressed.append(
-                {"b_id": touch.touch_id, "b_reason": decision.reason, "b_now": now}
-            )
+            out.decided.append((touch.touch_id, "suppressed", None, decision.reason, None, 0.0))
             out.encoder.add(
                 SUPPRESSED_TYPE,
                 user_id,
@@ -332,7 +398,7 @@ def _decide(
             )
     if user.fatigue != before:
         after = user.fatigue
-        values = fatigue_values(replace(after))
+        values = fatigue_values(after)
         out.fatigue.append(
             {
                 "b_user": user_id,
@@ -346,6 +412,28 @@ def _decide(
     out.history += [history_row(user_id, change) for change in changes]
 
 
+def _due_touch(row: Any, promotion: _Promotion | None) -> domain.DueTouch:
+    return domain.DueTouch(
+        row.touch_id,
+        row.promotion_id,
+        row.wave,
+        row.variant or "",
+        row.due_at,
+        row.deadline or row.due_at,
+        row.parallel,
+        row.rank,
+        row.essential,
+        row.due_at if promotion is None else promotion.ended_at,
+        _channel_order(row.channel_order or ""),
+        promotion is None or promotion.cancelled,
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _channel_order(stored: str) -> tuple[Channel, ...]:
+    return tuple(c for c in stored.split(",") if c)  # type: ignore[misc]
+
+
 def _touch_due(
     common: dict[str, Any],
     row: Any,
@@ -354,7 +442,7 @@ def _touch_due(
     touch: domain.DueTouch,
 ) -> dict[str, Any]:
     """The data of a touch.due event (the TouchDue schema; a unit test validates it)."""
-    wave = promotion.policy.wave(touch.wave)
+    wave = domain.wave_of(promotion.policy, touch.wave)
     templates = wave.content.get(touch.variant, {}) if wave else {}
     variables = {
         "promotion_id": touch.promotion_id,
@@ -368,8 +456,8 @@ def _touch_due(
     return {
         **common,
         "channel": channels[0],
-        "due_at": row.due_at.isoformat(),
-        "deadline": touch.deadline.isoformat(),
+        "due_at": row.due_at,  # orjson writes them as isoformat() does
+        "deadline": touch.deadline,
         "channels": channels,
         "parallel": min(touch.parallel, len(channels)),
         "coupon": bool(row.coupon),

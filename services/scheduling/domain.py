@@ -187,19 +187,42 @@ class _WavePlan:
     pair_value_layers: frozenset[str]
 
 
-# id(policy) -> (policy, tier -> waves); the policy is kept so that its id is never reused.
-_WAVE_PLANS: dict[int, tuple[Policy, dict[str, tuple[_WavePlan, ...]]]] = {}
+@dataclass(slots=True)
+class _PolicyIndex:
+    """What the hot paths read of one policy, derived once: planning and dispatch handle
+    millions of touches under a handful of policies."""
+
+    waves: dict[str, WaveSpec]
+    plans: dict[str, tuple[_WavePlan, ...]] = field(default_factory=dict)
+    # (wave, variant, segment's channel order) -> channels with content, in order
+    channels: dict[tuple[str, str, tuple[Channel, ...]], tuple[Channel, ...]] = field(
+        default_factory=dict
+    )
+
+
+# id(policy) -> (policy, index); the policy is kept so that its id is never reused.
+_INDEXES: dict[int, tuple[Policy, _PolicyIndex]] = {}
+
+
+def _index(policy: Policy) -> _PolicyIndex:
+    cached = _INDEXES.get(id(policy))
+    if cached is None or cached[0] is not policy:
+        if len(_INDEXES) > 256:
+            _INDEXES.clear()
+        cached = (policy, _PolicyIndex(waves={w.name: w for w in policy.waves}))
+        _INDEXES[id(policy)] = cached
+    return cached[1]
+
+
+def wave_of(policy: Policy, name: str) -> WaveSpec | None:
+    """`policy.wave(name)`, from the index."""
+    return _index(policy).waves.get(name)
 
 
 def _wave_plans(policy: Policy, ltv_tier: str | None) -> tuple[_WavePlan, ...]:
-    cached = _WAVE_PLANS.get(id(policy))
-    if cached is None or cached[0] is not policy:
-        if len(_WAVE_PLANS) > 256:
-            _WAVE_PLANS.clear()
-        cached = (policy, {})
-        _WAVE_PLANS[id(policy)] = cached
+    plans = _index(policy).plans
     tier = ltv_tier or ""
-    found = cached[1].get(tier)
+    found = plans.get(tier)
     if found is None:
         intensity = policy.intensity.get(tier)
         coupon_waves = set(intensity.coupon_waves) if intensity else set()
@@ -219,7 +242,7 @@ def _wave_plans(policy: Policy, ltv_tier: str | None) -> tuple[_WavePlan, ...]:
             )
             for w in waves_for(policy, ltv_tier)
         )
-        cached[1][tier] = found
+        plans[tier] = found
     return found
 
 
@@ -301,7 +324,7 @@ def cap_reason(
     return None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Slot:
     """The earliest allowed moment from `at`, and what pushed it there."""
 
@@ -414,7 +437,7 @@ def on_time(
 # -- dispatch decisions -----------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DueTouch:
     """A planned touch whose time has come, with what the decision needs."""
 
@@ -444,18 +467,18 @@ class UserView:
     history: list[datetime] = field(default_factory=list)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Send:
     channels: tuple[Channel, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Defer:
     until: datetime
     reason: Reason
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Suppress:
     reason: Reason
 
@@ -464,15 +487,26 @@ Decision = Send | Defer | Suppress
 
 
 def channels_for(
-    touch: DueTouch, wave: WaveSpec, user: UserView
+    touch: DueTouch, wave: WaveSpec, user: UserView, policy: Policy | None = None
 ) -> tuple[tuple[Channel, ...], Reason | None]:
-    """The segment's order, then the wave's; only consented, unpaused channels with content."""
-    with_content = set(wave.content.get(touch.variant, {}))
-    order = [c for c in dict.fromkeys((*touch.channel_order, *wave.channels)) if c in with_content]
-    consented = [c for c in order if user.consent.get(c) is True]
-    allowed = [c for c in consented if c not in user.fatigue.paused]
+    """The segment's order, then the wave's; only consented, unpaused channels with content.
+
+    `policy`: the policy `wave` belongs to, to reuse the order computed for earlier touches.
+    """
+    key = (wave.name, touch.variant, touch.channel_order)
+    cache = _index(policy).channels if policy is not None else {}
+    order = cache.get(key)
+    if order is None:
+        with_content = set(wave.content.get(touch.variant, {}))
+        order = tuple(
+            c for c in dict.fromkeys((*touch.channel_order, *wave.channels)) if c in with_content
+        )
+        cache[key] = order
+    consent, paused = user.consent, user.fatigue.paused
+    consented = [c for c in order if consent.get(c) is True]
+    allowed = tuple(c for c in consented if c not in paused) if paused else tuple(consented)
     if allowed:
-        return tuple(allowed), None
+        return allowed, None
     return (), ("unsubscribed" if consented else "no_consent")
 
 
@@ -502,18 +536,19 @@ def _decide(touch: DueTouch, user: UserView, now: datetime, policy: Policy, tz: 
         return Suppress("erased")
     if user.fatigue.state == "suppressed":
         return Suppress("complained")
-    wave = policy.wave(touch.wave)
+    wave = wave_of(policy, touch.wave)
     if wave is None:
         return Suppress("cancelled")
     if user.fatigue.state == "low_frequency" and not wave.essential:
         return Suppress("fatigue")
-    channels, refused = channels_for(touch, wave, user)
+    channels, refused = channels_for(touch, wave, user, policy)
     if refused is not None:
         return Suppress(refused)
     slot = earliest_slot(user.history, now, tz, policy)
     if slot.at <= now:
         user.history.append(now)
-        user.fatigue = replace(user.fatigue, unanswered=user.fatigue.unanswered + 1)
+        f = user.fatigue
+        user.fatigue = FatigueState(f.state, f.paused, f.unanswered + 1, f.last_engaged_at)
         return Send(channels)
     reason: Reason = slot.cap or "quiet_hours"
     if slot.at <= touch.deadline:

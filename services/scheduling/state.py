@@ -212,9 +212,19 @@ async def load_fatigue(conn: AsyncConnection, user_id: str) -> domain.FatigueSta
     return fatigue_of(row)
 
 
+_NORMAL = domain.FatigueState()
+
+
 def fatigue_of(row: Any) -> domain.FatigueState:
     if row is None:
-        return domain.FatigueState()
+        return _NORMAL
+    if (
+        row.fatigue == "normal"
+        and not row.paused
+        and not row.unanswered
+        and row.last_engaged_at is None
+    ):
+        return _NORMAL  # most users; the state is frozen, so one instance serves them all
     return domain.FatigueState(
         state=row.fatigue,
         paused=frozenset(row.paused or ()),
