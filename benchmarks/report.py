@@ -73,7 +73,12 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark(
         "segmentation",
         lambda n: ["--users", str(n), "--ingest", str(min(n or 0, 200_000))],
-        headline=("ingest_requests_per_s", "ingest_p99_ms", "audience_events_per_s"),
+        headline=(
+            "ingest_activities_per_s",
+            "ingest_p99_ms",
+            "audience_events_per_s",
+            "rescoring_users_per_s",
+        ),
     ),
     Benchmark(
         "scheduling",
