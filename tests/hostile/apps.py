@@ -18,7 +18,8 @@ RECEIPT_SECRET = "hostile-receipt-secret"
 # Routes anyone may call: probes and the Prometheus scrape (PRODUCT.md, "REST surface"), and
 # the OpenAPI document with its two viewers.
 PUBLIC = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/redoc"})
-PUBLIC_PREFIXES = ("/docs/",)
+# The metrics dashboard's page and assets hold no data (its API calls need a token).
+PUBLIC_PREFIXES = ("/docs/", "/dashboard")
 # Provider receipts carry an HMAC signature instead of a bearer token.
 SIGNED = frozenset({("POST", "/v1/receipts")})
 
