@@ -266,9 +266,19 @@ class Batch:
         self.deltas[key] = self.deltas.get(key, 0.0) + value
 
     def count(
-        self, touch: dict[str, Any], at: datetime, measure: str, value: float, channel: str = ""
+        self,
+        touch: dict[str, Any],
+        at: datetime,
+        measure: str,
+        value: float,
+        channel: str = "",
+        *,
+        unchannelled: bool = False,
     ) -> None:
-        channel = channel or touch["channel"]
+        """Add to the touch's aggregate at `at`'s minute: under `channel`, else the touch's
+        channel; `unchannelled` (planned, LTV: before any channel is chosen) under "" always,
+        so the same events give the same rows whatever order they come in."""
+        channel = "" if unchannelled else channel or touch["channel"]
         minute = minute_of(at)
         segment = touch["segment"]
         key = (
@@ -336,7 +346,7 @@ class Batch:
         if data.variant and not touch["variant"]:
             touch["variant"] = data.variant
         self.dirty.add(data.touch_id)
-        self.count(touch, event.time, "planned", 1)
+        self.count(touch, event.time, "planned", 1, unchannelled=True)
         self._count_ltv(touch, event.time)
 
     def _count_ltv(self, touch: dict[str, Any], at: datetime) -> None:
@@ -346,8 +356,8 @@ class Batch:
             return
         touch["ltv"] = ltv
         self.dirty.add(touch["touch_id"])
-        self.count(touch, at, "ltv", ltv)
-        self.count(touch, at, "ltv_touches", 1)
+        self.count(touch, at, "ltv", ltv, unchannelled=True)
+        self.count(touch, at, "ltv_touches", 1, unchannelled=True)
 
     async def member(self, event: Event[Any]) -> None:
         data: AudienceMemberResolved = event.data

@@ -303,6 +303,8 @@ async def test_every_figure_by_hand(db: Database, size: int) -> None:
     assert sum(r["sent"] for r in launch_channels) == LAUNCH["sent"]
     assert all(r["reach_rate"] is None or r["reach_rate"] <= 1 for r in by_wc.values())
     check(by_wc[("day3", "sms")], {"failed": 1, "sent": 0, "conversion_rate": None})
+    # Planned before any channel is chosen: under no channel, whatever the arrival order.
+    assert {k for k, r in by_wc.items() if r["planned"]} == {("launch", ""), ("day3", "")}
 
     only_b = await funnel(db, ("variant",), variant="B", wave="launch")
     assert [r["variant"] for r in only_b] == ["B"]
@@ -340,6 +342,8 @@ async def test_reversed_stream_gives_the_same_funnel(db: Database) -> None:
     rows = {r["wave"]: r for r in await funnel(db, ("wave",))}
     check(rows["launch"], LAUNCH)
     check(rows["day3"], DAY3)
+    by_wc = {(r["wave"], r["channel"]): r for r in await funnel(db, ("wave", "channel"))}
+    assert {k for k, r in by_wc.items() if r["planned"]} == {("launch", ""), ("day3", "")}
 
 
 async def test_each_channel_of_a_parallel_touch_counts_its_own_receipts(db: Database) -> None:
