@@ -758,9 +758,29 @@ async def segment_counts(ctx: ServiceContext) -> dict[str, Any]:
 
 
 async def rebuild(ctx: ServiceContext) -> int:
-    """Recount every user's aggregates from the raw activities; returns how many users."""
+    """Recount every user's aggregates from the raw activities; returns how many users.
+
+    On PostgreSQL the monthly buckets and the per-user counts are rebuilt concurrently, in
+    two transactions (each pass is atomic; running the rebuild again repairs a failed one).
+    """
     config = config_of(ctx)
     now = ctx.clock.now()
-    async with ctx.db.begin() as conn:
+    if not ctx.db.is_postgres:
+        async with ctx.db.begin() as conn:
+            start = await store.window_start(conn, now, config)
+            return await store.rebuild_from_activities(conn, start, now)
+    async with ctx.db.connect() as conn:
         start = await store.window_start(conn, now, config)
-        return await store.rebuild_from_activities(conn, start, now)
+
+    async def months() -> None:
+        async with ctx.db.begin() as conn:
+            await store.rebuild_months(conn)
+
+    async def users() -> int:
+        async with ctx.db.begin() as conn:
+            return await store.rebuild_aggregates(conn, start, now)
+
+    async with asyncio.TaskGroup() as passes:
+        passes.create_task(months())
+        rebuilt = passes.create_task(users())
+    return rebuilt.result()

@@ -435,6 +435,8 @@ async def recompute_ltv(conn: AsyncConnection, start: date) -> None:
 
 # Sorting 1,000,000 rows in memory instead of on disk (PostgreSQL; this transaction only).
 RANKING_WORK_MEM = "256MB"
+# Grouping 10,000,000 activities by user and by user-month in memory (hash aggregates).
+REBUILD_WORK_MEM = "1GB"
 
 
 async def _values_at(
@@ -681,21 +683,43 @@ def audience_query(promotion_id: str, cursor: str | None, limit: int | None = No
 async def rebuild_from_activities(conn: AsyncConnection, start: date, now: datetime) -> int:
     """Recount every aggregate and monthly bucket from the raw activities (after a restore).
 
-    Abuse flags stay as they are: they are decisions awaiting review, not counts.
+    Abuse flags stay as they are: they are decisions awaiting review, not counts. Two
+    set-based passes over the activities (`rebuild_months`, `rebuild_aggregates`; they
+    may also run concurrently, each in its own transaction). Returns how many users.
     """
+    await rebuild_months(conn)
+    return await rebuild_aggregates(conn, start, now)
+
+
+def _signed_and_month(conn: AsyncConnection) -> tuple[Any, Any]:
     a = activities.c
-    is_purchase = a.kind == "purchase"
     signed = case(
-        (is_purchase, func.coalesce(a.amount, 0.0)),
+        (a.kind == "purchase", func.coalesce(a.amount, 0.0)),
         (a.kind == "refund", -func.coalesce(a.amount, 0.0)),
         else_=0.0,
     )
-    await conn.execute(delete(user_months))
-    month_expr: Any
     if conn.dialect.name == "postgresql":
-        month_expr = cast(func.date_trunc("month", a.occurred_at), Date)
+        return signed, cast(func.date_trunc("month", a.occurred_at), Date)
+    return signed, func.date(a.occurred_at, "start of month")
+
+
+async def _rebuild_memory(conn: AsyncConnection) -> None:
+    if conn.dialect.name == "postgresql":
+        await conn.execute(text(f"SET LOCAL work_mem = '{REBUILD_WORK_MEM}'"))
+
+
+async def rebuild_months(conn: AsyncConnection) -> None:
+    """Every monthly bucket again from the raw activities, grouped and written in key order
+    (the b-tree grows at its right edge instead of taking random inserts). On PostgreSQL
+    the old buckets go with TRUNCATE: the table is locked until the commit."""
+    a = activities.c
+    is_purchase = a.kind == "purchase"
+    signed, month_expr = _signed_and_month(conn)
+    await _rebuild_memory(conn)
+    if conn.dialect.name == "postgresql":
+        await conn.execute(text(f'TRUNCATE "{SCHEMA}".user_months'))
     else:
-        month_expr = func.date(a.occurred_at, "start of month")
+        await conn.execute(delete(user_months))
     buckets = (
         select(
             a.user_id,
@@ -705,17 +729,20 @@ async def rebuild_from_activities(conn: AsyncConnection, start: date, now: datet
         )
         .where(a.kind.in_(("purchase", "refund")))
         .group_by(a.user_id, month_expr)
+        .order_by(a.user_id, month_expr)
     )
     await conn.execute(
         user_months.insert().from_select(["user_id", "month", "amount", "purchases"], buckets)
     )
-    m = user_months.c
-    ltv = (
-        select(m.user_id, func.sum(m.amount).label("ltv"))
-        .where(m.month >= start)
-        .group_by(m.user_id)
-        .subquery()
-    )
+
+
+async def rebuild_aggregates(conn: AsyncConnection, start: date, now: datetime) -> int:
+    """Every user's counts from the raw activities, LTV summed over the window's months
+    (as the monthly buckets count them); returns how many users."""
+    a = activities.c
+    is_purchase = a.kind == "purchase"
+    signed, month_expr = _signed_and_month(conn)
+    await _rebuild_memory(conn)
     interaction = a.kind.in_(sorted(domain.INTERACTIONS))
     counts = (
         select(
@@ -723,6 +750,8 @@ async def rebuild_from_activities(conn: AsyncConnection, start: date, now: datet
             func.sum(case((is_purchase, 1), else_=0)).label("purchases"),
             func.sum(case((a.kind == "visit", 1), else_=0)).label("visits"),
             func.sum(signed).label("monetary"),
+            # The months of the LTV window, as the monthly buckets count them.
+            func.sum(case((month_expr >= literal(start, Date), signed), else_=0.0)).label("ltv"),
             func.max(case((is_purchase, a.occurred_at))).label("last_purchase_at"),
             func.max(case((interaction, a.occurred_at))).label("last_interaction_at"),
         )
@@ -734,14 +763,14 @@ async def rebuild_from_activities(conn: AsyncConnection, start: date, now: datet
         counts.c.purchases,
         counts.c.visits,
         counts.c.monetary,
-        func.coalesce(ltv.c.ltv, 0.0),
+        counts.c.ltv,
         counts.c.last_purchase_at,
         counts.c.last_interaction_at,
         literal(False, Boolean),
         literal(now, UtcDateTime()),
-    ).select_from(counts.outerjoin(ltv, ltv.c.user_id == counts.c.user_id))
+    )
     # SQLite needs a WHERE before an upsert's ON CONFLICT to parse INSERT ... SELECT.
-    rows = rows.where(counts.c.user_id.is_not(None))
+    rows = rows.where(counts.c.user_id.is_not(None)).order_by(counts.c.user_id)
     ins = postgresql.insert(aggregates).from_select(
         [
             "user_id",
