@@ -163,6 +163,8 @@ class Round:
     sent: dict[tuple[str, str], int] = field(default_factory=dict)
     accepted: dict[str, int] = field(default_factory=dict)
     failed: dict[str, int] = field(default_factory=dict)
+    # Spend rows this transaction inserted: known to exist once it commits.
+    created_spend: set[tuple[str, str]] = field(default_factory=set)
 
 
 async def on_touches_due(
@@ -291,7 +293,7 @@ async def _round(
     to_call: list[Work] = []
     async with ctx.db.begin() as conn:
         erased = await _erased_now(conn, rt, (w.due.user_id for w in decide))
-        ledger = await _lock_ledger(conn, rt, settle + decide)
+        ledger = await _lock_ledger(conn, rt, settle + decide, todo.created_spend)
         for work in settle:
             if work.outcome is not None and not work.outcome.accepted and work.cost:
                 ledger.refund(work.due.promotion_id, work.tried[-1], work.cost)
@@ -304,7 +306,8 @@ async def _round(
                 to_call.append(work)
         await _write(conn, todo)
         await ctx.outbox.add(conn, todo.events, now=now)
-        await _write_spend(conn, ledger, todo)
+        await _write_spend(conn, rt, ledger, todo)
+    rt.spend_rows |= todo.created_spend
     if todo.events:
         ctx.outbox.notify()
     return to_call
@@ -566,7 +569,9 @@ async def _erased_now(conn: AsyncConnection, rt: DeliveryRuntime, users: Iterabl
     return {r.user_id for r in rows} | (wanted & rt.erased)
 
 
-async def _lock_ledger(conn: AsyncConnection, rt: DeliveryRuntime, works: list[Work]) -> Ledger:
+async def _lock_ledger(
+    conn: AsyncConnection, rt: DeliveryRuntime, works: list[Work], created: set[tuple[str, str]]
+) -> Ledger:
     """Spend of every budgeted (promotion, channel) the batch may touch, locked until commit.
 
     Channels without a budget are neither read nor locked: nothing is decided on their
@@ -580,10 +585,7 @@ async def _lock_ledger(conn: AsyncConnection, rt: DeliveryRuntime, works: list[W
         return Ledger({}, rt.terms)
     s = store.spend
     keys = [(p, c) for p in promotions for c in budgeted]
-    await conn.execute(
-        insert_ignore(s),
-        [{"promotion_id": p, "channel": c, "spent": 0.0, "sent": 0} for p, c in keys],
-    )
+    await _ensure_spend_rows(conn, rt, keys, created)
     rows = await conn.execute(
         select(s.c.promotion_id, s.c.channel, s.c.spent)
         .where(s.c.promotion_id.in_(promotions))
@@ -618,7 +620,28 @@ async def _write(conn: AsyncConnection, todo: Round) -> None:
         )
 
 
-async def _write_spend(conn: AsyncConnection, ledger: Ledger, todo: Round) -> None:
+async def _ensure_spend_rows(
+    conn: AsyncConnection,
+    rt: DeliveryRuntime,
+    keys: list[tuple[str, str]],
+    created: set[tuple[str, str]],
+) -> None:
+    """Create the spend rows not known to exist (rows are never deleted, so each promotion
+    and channel costs this statement once per process, not once per transaction)."""
+    missing = [key for key in keys if key not in rt.spend_rows]
+    if not missing:
+        return
+    await conn.execute(
+        insert_ignore(store.spend),
+        [{"promotion_id": p, "channel": c, "spent": 0.0, "sent": 0} for p, c in missing],
+    )
+    # Remembered once the transaction commits (see `_round`).
+    created.update(missing)
+
+
+async def _write_spend(
+    conn: AsyncConnection, rt: DeliveryRuntime, ledger: Ledger, todo: Round
+) -> None:
     """Spend, sends and success counts: rows every batch shares, so written last.
 
     Each row is updated with an increment as the transaction's last statements, so a
@@ -627,10 +650,7 @@ async def _write_spend(conn: AsyncConnection, ledger: Ledger, todo: Round) -> No
     s = store.spend
     changed = sorted(ledger.changed | set(todo.sent))
     if changed:
-        await conn.execute(
-            insert_ignore(s),
-            [{"promotion_id": p, "channel": c, "spent": 0.0, "sent": 0} for p, c in changed],
-        )
+        await _ensure_spend_rows(conn, rt, changed, todo.created_spend)
         await conn.execute(
             update(s)
             .where(s.c.promotion_id == bindparam("b_promotion_id"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -59,6 +60,22 @@ def metrics_for(registry: CollectorRegistry) -> DeliveryMetrics:
     return found
 
 
+def tune_gc(threshold0: int) -> None:
+    """Collect the youngest generation every `threshold0` allocations (never less often
+    than already set; 0 leaves it).
+
+    Measured on the 20 ms benchmark (PostgreSQL, 10,000 touches): 350-356 us of CPU per
+    touch with Python's default of 700, 218-253 us with 100,000. Thousands of calls in
+    flight (tasks, futures, rows, messages) survive each young collection, so the
+    default re-scans them over and over; garbage cycles are still collected, later.
+    """
+    if threshold0 <= 0:
+        return
+    current = gc.get_threshold()
+    if current[0] < threshold0:
+        gc.set_threshold(threshold0, *current[1:])
+
+
 def _circuit_value(circuit: CircuitBreaker) -> Callable[[], float]:
     return lambda: _CIRCUIT_VALUE[circuit.state]
 
@@ -69,12 +86,15 @@ class DeliveryRuntime:
 
     def __init__(self, config: DeliveryConfig, registry: CollectorRegistry) -> None:
         self.config = config
+        tune_gc(config.gc_threshold)
         self.metrics = metrics_for(registry)
         self._call_children: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._outcome_children: dict[tuple[str, str, str], Any] = {}
         self.semaphore = Limiter(config.concurrency)
         # Users erased while this process runs: their pending sends stop between tries.
         self.erased: set[str] = set()
+        # (promotion, channel) spend rows known to exist (committed; never deleted).
+        self.spend_rows: set[tuple[str, str]] = set()
         self.providers: dict[str, ProviderClient] = {
             name: ProviderClient(
                 name, channel, semaphore=self.semaphore, observe=self._observe_call

@@ -380,7 +380,8 @@ async def test_circuit_opens_after_failures_and_closes_after_a_good_probe(
                 "base_url": sms.url,
                 "max_attempts": 1,
                 "circuit_failures": 3,
-                "circuit_reset_s": 0.5,
+                # Long enough that a loaded machine settles the six touches before it ends.
+                "circuit_reset_s": 2.0,
             },
             email={"base_url": email.url},
         )
@@ -395,7 +396,7 @@ async def test_circuit_opens_after_failures_and_closes_after_a_good_probe(
             assert next(c for c in report if c["channel"] == "sms")["circuit"] == "open"
 
             sms.default = Answer.ok()
-            await asyncio.sleep(0.6)
+            await asyncio.sleep(2.1)
             await stack.publish(touch("t-6", "u-6", "sms", "email"))
             outcomes = await stack.settled(7)
             assert outcomes[-1].channel == "sms"
