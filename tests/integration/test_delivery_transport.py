@@ -79,6 +79,25 @@ async def test_hang_past_the_timeout_is_a_read_timeout_and_the_connection_is_not
         assert server.keys_seen == {"k-1": 1, "k-2": 1}
 
 
+async def test_a_cancelled_call_never_leaves_its_connection_to_the_next_call() -> None:
+    async with ProviderServer() as server:
+        transport = FastTransport(4)
+        try:
+            target = endpoint(server.url)
+            server.script(Answer.hang(5))
+            pending = asyncio.create_task(post(transport, target, "k-1"))
+            await server.wait_for_calls(1)
+            pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pending
+            left = set(transport._all)
+            after = await post(transport, target, "k-2")
+        finally:
+            await transport.aclose()
+        assert left == set(), "the cancelled call's connection was closed"
+        assert after.status_code == 200 and after.json()["provider_message_id"] == "pm-2"
+
+
 async def test_a_dropped_connection_is_a_transport_error_and_the_next_call_reconnects() -> None:
     async with ProviderServer() as server:
         transport = FastTransport(4)

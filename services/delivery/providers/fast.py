@@ -37,6 +37,7 @@ import asyncio
 import ssl
 from collections import deque
 from collections.abc import Mapping
+from typing import Any
 
 import httpx
 
@@ -207,6 +208,13 @@ def _dechunk(buffer: bytearray) -> tuple[bytes, int] | None:
         pos += size + 2
 
 
+def _expire(waiter: asyncio.Future[Any], request: httpx.Request | None) -> None:
+    if not waiter.done():
+        waiter.set_exception(
+            httpx.ReadTimeout("the provider did not answer in time", request=request)
+        )
+
+
 class FastTransport(httpx.AsyncBaseTransport):
     def __init__(self, max_connections: int, *, verify: ssl.SSLContext | bool = True) -> None:
         self._limit = Limiter(max_connections)
@@ -276,25 +284,27 @@ class FastTransport(httpx.AsyncBaseTransport):
         async with self._limit:
             connection = await self._connect(origin, timeouts.get("connect"))
             loop = asyncio.get_running_loop()
-            connection.waiter = loop.create_future()
+            waiter = connection.waiter = loop.create_future()
             connection.received_any = False
             assert connection.transport is not None
             connection.transport.write(payload)
+            read_s = timeouts.get("read")
+            # A timer on the future, cheaper than an asyncio.timeout() scope per call.
+            timer = (
+                loop.call_later(read_s, _expire, waiter, request) if read_s is not None else None
+            )
             try:
-                async with asyncio.timeout(timeouts.get("read")):
-                    status, headers, content, keep_alive = await connection.waiter
-            except TimeoutError:
-                connection.close()
-                self._all.discard(connection)
-                raise httpx.ReadTimeout(
-                    "the provider did not answer in time", request=request
-                ) from None
-            except httpx.TransportError:
+                status, headers, content, keep_alive = await waiter
+            except BaseException:
+                # A timeout, a transport error, or the caller cancelled: the connection may
+                # still get (part of) this answer, so it never carries another request.
                 connection.close()
                 self._all.discard(connection)
                 raise
             finally:
                 connection.waiter = None
+                if timer is not None:
+                    timer.cancel()
             if keep_alive and not connection.closed:
                 self._idle.setdefault(origin, deque()).append(connection)
             else:
