@@ -14,5 +14,9 @@ class SchedulingSettings(BaseSettings):
     # Longest nap of an idle dispatcher (it also wakes when the clock moves or touches
     # are planned).
     dispatch_idle_s: float = Field(1.0, gt=0)
+    # After a claim that did not fill a batch, the next claim waits until this long after it
+    # started, so that touches coming due one by one go out in batches (adds up to this much
+    # latency; a full batch is followed at once).
+    dispatch_gather_s: float = Field(0.05, ge=0, le=5)
     # Dispatcher loops per process (each claims its own batches).
     dispatchers: int = Field(1, ge=0, le=32)

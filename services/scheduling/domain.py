@@ -97,7 +97,7 @@ def _local_at(day: datetime, at: time, tz: tzinfo) -> datetime:
 def is_quiet(at: datetime, tz: tzinfo, quiet: QuietHours) -> bool:
     if quiet.start == quiet.end:
         return False
-    local = at.astimezone(tz).timetz().replace(tzinfo=None)
+    local = at.astimezone(tz).time()
     if quiet.start < quiet.end:
         return quiet.start <= local < quiet.end
     return local >= quiet.start or local < quiet.end
@@ -317,6 +317,8 @@ def cap_reason(
     history: Sequence[datetime], at: datetime, per_7d: int, per_30d: int
 ) -> Reason | None:
     """Which cap a touch at `at` would break, given the touches already sent."""
+    if not history:
+        return None
     if sum(1 for s in history if at - WEEK < s <= at) >= per_7d:
         return "cap_7d"
     if sum(1 for s in history if at - MONTH < s <= at) >= per_30d:
@@ -335,6 +337,8 @@ class Slot:
 
 def earliest_slot(history: Sequence[datetime], at: datetime, tz: tzinfo, policy: Policy) -> Slot:
     caps, quiet = policy.caps, policy.quiet_hours
+    if not history and not is_quiet(at, tz, quiet):
+        return Slot(at, None, False)  # most touches: nothing sent yet, not at night
     cap: Reason | None = None
     was_quiet = False
     t = at
@@ -520,7 +524,9 @@ def decide_user(
 
     Priority: the policy's wave order, then the promotion that ended first.
     """
-    ordered = sorted(touches, key=lambda t: (t.rank, t.promotion_ended_at, t.due_at, t.touch_id))
+    ordered = list(touches)
+    if len(ordered) > 1:
+        ordered.sort(key=lambda t: (t.rank, t.promotion_ended_at, t.due_at, t.touch_id))
     tz = zone(user.timezone)
     out: list[tuple[DueTouch, Decision]] = []
     for touch in ordered:

@@ -64,16 +64,10 @@ def test_touch_due_data_matches_the_schema() -> None:
         essential=True,
         promotion_ended_at=NOW,
     )
-    row = SimpleNamespace(due_at=NOW, coupon=True, segment="silent")
-    common = {
-        "touch_id": "t-1",
-        "user_id": "u-1",
-        "promotion_id": "p-1",
-        "wave": "day7",
-        "variant": "B",
-    }
-    data = dispatcher._touch_due(common, row, ["sms", "push"], promotion, touch)
+    row = SimpleNamespace(due_at=NOW, coupon=True, segment="silent", variant="B")
+    data = dispatcher._touch_due("u-1", row, ["sms", "push"], promotion, touch)
     due = TouchDue.model_validate(data)
+    assert (due.touch_id, due.user_id, due.wave, due.variant) == ("t-1", "u-1", "day7", "B")
     assert due.channels == ["sms", "push"] and due.parallel == 2
     assert due.content["push"].body.startswith("[day7/B]")
     assert due.variables["coupon_code"].startswith("AG-")
