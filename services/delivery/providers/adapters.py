@@ -21,7 +21,6 @@ from __future__ import annotations
 import base64
 import urllib.parse
 
-import httpx
 import orjson
 
 from services.delivery.providers.base import (
@@ -31,7 +30,7 @@ from services.delivery.providers.base import (
     idempotency_headers,
     json_field,
 )
-from services.delivery.providers.fast import RawRequest
+from services.delivery.providers.fast import ProviderAnswer, RawRequest
 
 JSON = {"Content-Type": "application/json"}
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -55,7 +54,7 @@ class GenericAdapter:
             headers={**JSON, **idempotency_headers(message)},
         )
 
-    def message_id(self, response: httpx.Response) -> str | None:
+    def message_id(self, response: ProviderAnswer) -> str | None:
         return json_field(response, "provider_message_id")
 
 
@@ -82,7 +81,7 @@ class TwilioAdapter:
             headers={**FORM, **idempotency_headers(message)},
         )
 
-    def message_id(self, response: httpx.Response) -> str | None:
+    def message_id(self, response: ProviderAnswer) -> str | None:
         return json_field(response, "sid")
 
 
@@ -112,7 +111,7 @@ class SendGridAdapter:
             headers={**JSON, **idempotency_headers(message)},
         )
 
-    def message_id(self, response: httpx.Response) -> str | None:
+    def message_id(self, response: ProviderAnswer) -> str | None:
         value = response.headers.get("X-Message-Id")
         return str(value) if value else None
 
@@ -142,7 +141,7 @@ class FcmAdapter:
             headers={**JSON, **idempotency_headers(message)},
         )
 
-    def message_id(self, response: httpx.Response) -> str | None:
+    def message_id(self, response: ProviderAnswer) -> str | None:
         return json_field(response, "name")
 
 

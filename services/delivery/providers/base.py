@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from services.delivery.providers.fast import RawRequest
+from services.delivery.providers.fast import ProviderAnswer, RawRequest
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +116,7 @@ class Adapter(Protocol):
 
     def request(self, endpoint: Endpoint, message: OutboundMessage) -> RawRequest: ...
 
-    def message_id(self, response: httpx.Response) -> str | None: ...
+    def message_id(self, response: ProviderAnswer) -> str | None: ...
 
 
 def idempotency_headers(message: OutboundMessage) -> dict[str, str]:
@@ -141,7 +141,7 @@ def retry_after_seconds(value: str | None, now: datetime | None = None) -> float
     return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
-def json_field(response: httpx.Response, name: str) -> str | None:
+def json_field(response: ProviderAnswer, name: str) -> str | None:
     try:
         body = response.json()
     except ValueError:

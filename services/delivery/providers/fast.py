@@ -19,7 +19,9 @@ encode/httpcore#1035 and the fixes in pydantic/httpx2#974/#1075), so the cost pe
 request grows with the pool and the queue - exactly the shape of a delivery batch.
 The client layer above any transport (URL merging, cookies, auth and redirect
 handling per call) costs another ~130 us per call, so delivery lays its requests out
-once as bytes (`RawRequest`, built by `providers.base.Endpoint`) and calls `send()`.
+once as bytes (`RawRequest`, built by `providers.base.Endpoint`) and calls `send()`,
+which answers with a `ProviderAnswer` (status, headers, body) rather than an
+`httpx.Response`.
 
 What it speaks is what provider APIs need: one request at a time per connection, each
 request written with a single write (so Nagle never holds a part back), answers with
@@ -40,6 +42,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import httpx
+import orjson
 
 from services.delivery.providers.resilience import Limiter
 
@@ -90,6 +93,47 @@ class RawRequest:
             if line.lower().startswith(wanted):
                 return line[len(wanted) :].strip().decode("latin-1")
         return None
+
+
+class AnswerHeaders(dict[str, str]):
+    """An answer's headers by lower-case name; `get` and `[]` take any case."""
+
+    def get(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]
+        return super().get(name.lower(), default)
+
+    def __getitem__(self, name: str) -> str:
+        return super().__getitem__(name.lower())
+
+
+class ProviderAnswer:
+    """What `send()` returns: status, headers and body, without an `httpx.Response`.
+
+    Reading a provider's answer needs the status, a header or two and the JSON body;
+    an `httpx.Response` (header objects, stream and decoder set-up) cost more than that.
+    """
+
+    __slots__ = ("_headers", "_raw_headers", "content", "status_code")
+
+    def __init__(
+        self, status_code: int, headers: list[tuple[bytes, bytes]], content: bytes
+    ) -> None:
+        self.status_code = status_code
+        self._raw_headers = headers
+        self._headers: AnswerHeaders | None = None
+        self.content = content
+
+    @property
+    def headers(self) -> AnswerHeaders:
+        if self._headers is None:
+            self._headers = AnswerHeaders(
+                (name.decode("latin-1").lower(), value.decode("latin-1"))
+                for name, value in self._raw_headers
+            )
+        return self._headers
+
+    def json(self) -> Any:
+        """The body as JSON; ValueError when it is not."""
+        return orjson.loads(self.content)
 
 
 class _Connection(asyncio.Protocol):
@@ -264,11 +308,17 @@ class FastTransport(httpx.AsyncBaseTransport):
         head = [request.method.encode() + b" " + url.raw_path + b" HTTP/1.1"]
         head += [name + b": " + value for name, value in request.headers.raw]
         payload = b"\r\n".join(head) + b"\r\n\r\n" + body
-        return await self.exchange(
+        answer = await self.exchange(
             _origin(url), payload, request.extensions.get("timeout", {}), request=request
         )
+        return httpx.Response(
+            answer.status_code,
+            headers=answer._raw_headers,
+            content=answer.content,
+            extensions={"http_version": b"HTTP/1.1"},
+        )
 
-    async def send(self, request: RawRequest) -> httpx.Response:
+    async def send(self, request: RawRequest) -> ProviderAnswer:
         """The lean path: a request whose bytes are already laid out (see `RawRequest`)."""
         return await self.exchange(request.origin, request.payload(), request.timeout)
 
@@ -279,7 +329,7 @@ class FastTransport(httpx.AsyncBaseTransport):
         timeouts: Mapping[str, float | None],
         *,
         request: httpx.Request | None = None,
-    ) -> httpx.Response:
+    ) -> ProviderAnswer:
         """Write one request on a pooled connection and read its answer."""
         async with self._limit:
             connection = await self._connect(origin, timeouts.get("connect"))
@@ -310,12 +360,7 @@ class FastTransport(httpx.AsyncBaseTransport):
             else:
                 connection.close()
                 self._all.discard(connection)
-        return httpx.Response(
-            status,
-            headers=headers,
-            content=content,
-            extensions={"http_version": b"HTTP/1.1"},
-        )
+        return ProviderAnswer(status, headers, content)
 
     async def aclose(self) -> None:
         for connection in list(self._all):
