@@ -83,7 +83,7 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark(
         "scheduling",
         lambda n: ["--participants", str(n)],
-        headline=("planning_touches_per_s", "dispatch_touches_per_s"),
+        headline=("planned_per_s", "dispatched_per_s", "due_p50_ms", "due_p99_ms"),
     ),
     Benchmark(
         # End to end through Kafka to a loopback provider.
