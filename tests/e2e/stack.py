@@ -30,6 +30,7 @@ from services.stack import Stack, dev_env, with_provider
 from shared.settings import SERVICES
 
 TOKEN = "e2e-token"
+_BUS_SERIES = ("afterglow_bus_messages_produced_total{", "afterglow_bus_messages_consumed_total{")
 RECEIPT_SECRET = "e2e-receipt-secret"
 
 
@@ -82,6 +83,19 @@ class ProcessStack:
                 answer = await self.clients[name].put("/v1/admin/clock", json=body)
                 if answer.status_code != 200:
                     raise AssertionError(f"{name} refused the clock: {answer.text}")
+
+    async def bus_counts(self) -> dict[str, float]:
+        """Events produced and consumed so far per service (from /metrics): they move at
+        every hop of the flow, so a settled stack is one where they stand still."""
+        counts: dict[str, float] = {}
+        for name, client in self.clients.items():
+            total = 0.0
+            with contextlib.suppress(httpx.HTTPError):
+                for line in (await client.get("/metrics")).text.splitlines():
+                    if line.startswith(_BUS_SERIES):
+                        total += float(line.rsplit(" ", 1)[1])
+            counts[name] = total
+        return counts
 
     def kill(self, name: str) -> None:
         """SIGKILL one service's process group at once: no drain, no commit (fault injection)."""
