@@ -388,6 +388,11 @@ async def test_a_rebuild_recounts_what_the_batches_folded(service: Service) -> N
         assert len(before) == len(after)
         for x, y in zip(before, after, strict=True):
             assert [pytest.approx(v) if isinstance(v, float) else v for v in x] == list(y)
+    # The buckets' key is whole again (PostgreSQL rebuilds it): batches still fold into them.
+    more = await service.client.post(
+        "/v1/activities", json={"activities": [purchase(999, "u-1", 5.0, NOW)]}
+    )
+    assert more.json()["recorded"] == 1
 
 
 # -- segments ------------------------------------------------------------------------------------
