@@ -110,7 +110,9 @@ class ProviderClient:
                 return Outcome("stopped", attempt - 1, error="withdrawn")
             if not self.circuit.allow():
                 return Outcome("circuit_open", attempt - 1, error="circuit open")
-            await self.bucket.acquire()
+            wait = self.bucket.reserve()
+            if wait > 0:
+                await asyncio.sleep(wait)
             calls = attempt
             started = time.perf_counter()
             retry_after: float | None = None
