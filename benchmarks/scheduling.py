@@ -254,7 +254,7 @@ async def bench(args: argparse.Namespace, url: str, bootstrap: str) -> dict[str,
             ]
             await asyncio.sleep(seconds)
             # Until nothing of the day is pending and the outbox is empty.
-            async with asyncio.timeout(max(60.0, seconds)):
+            async with asyncio.timeout(max(1800.0, 10 * seconds)):
                 while True:
                     async with db.connect() as conn:
                         left = await conn.scalar(
