@@ -446,7 +446,7 @@ def report(outcome: Outcome) -> int:
     )
     for name in ("ltv_tier", "rfm", "value_layer", "age_band"):
         counts = outcome.segments.get(name) or {}
-        print(f"  {name + ':':<12}" + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        print(f"  {name + ':':<13}" + ", ".join(f"{k} {v}" for k, v in counts.items()))
     agree = True
     for promotion in PROMOTIONS:
         plan = {w["wave"]: w for w in outcome.plans[promotion.id]["waves"]}
