@@ -23,13 +23,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, select, text
+from sqlalchemy import BigInteger, Column, Float, Table, TextClause, delete, select, text
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.metrics import store
 from services.metrics.config import MetricsSettings
-from shared.db import insert_ignore, upsert
+from shared.db import UtcDateTime, insert_ignore, upsert
 from shared.events import (
     ActivityRecorded,
     AudienceMemberResolved,
@@ -79,6 +79,56 @@ _ADD = _ADD.on_conflict_do_update(
     set_={"value": store.minute_counts.c.value + _ADD.excluded.value},
 )
 _SAVE_TOUCH = upsert(store.touches, ["touch_id"])
+
+
+def _pg_type(column: Column[Any]) -> str:
+    if isinstance(column.type, UtcDateTime):
+        return "timestamptz"
+    if isinstance(column.type, BigInteger):
+        return "int8"
+    if isinstance(column.type, Float):
+        return "float8"
+    return "varchar"
+
+
+def arrays_insert(table: Table, conflict: str) -> tuple[TextClause, list[str]]:
+    """PostgreSQL's bulk form: INSERT ... SELECT * FROM unnest(<one array per column>)
+    `conflict`; bind one list per column. One statement and a handful of parameters,
+    far cheaper to send and plan than thousands of VALUES rows."""
+    names = [c.name for c in table.columns]
+    arrays = ", ".join(f"CAST(:{c.name} AS {_pg_type(c)}[])" for c in table.columns)
+    sql = f"INSERT INTO {table.fullname} ({', '.join(names)}) SELECT * FROM unnest({arrays}) "
+    return text(sql + conflict), names
+
+
+def _update_all(table: Table, key: Sequence[str]) -> str:
+    sets = ", ".join(f"{c.name} = EXCLUDED.{c.name}" for c in table.columns if c.name not in key)
+    return f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET {sets}"
+
+
+_KEY = [c.name for c in store.minute_counts.primary_key]
+_ADD_ARRAYS = arrays_insert(
+    store.minute_counts,
+    f"ON CONFLICT ({', '.join(_KEY)}) DO UPDATE"
+    f" SET value = {store.minute_counts.fullname}.value + EXCLUDED.value",
+)
+_SEEN_ARRAYS = arrays_insert(store.seen_events, "ON CONFLICT DO NOTHING RETURNING event_id")
+_SAVE_TOUCH_ARRAYS = arrays_insert(store.touches, _update_all(store.touches, ["touch_id"]))
+
+
+async def bulk(
+    conn: AsyncConnection,
+    rows: list[dict[str, Any]],
+    portable: Any,
+    arrays: tuple[TextClause, list[str]],
+) -> Any:
+    """Execute `rows` with the arrays form on PostgreSQL, else `portable` (executemany)."""
+    if conn.dialect.name == "postgresql":
+        sql, names = arrays
+        return await conn.execute(sql, {n: [r[n] for r in rows] for n in names})
+    return await conn.execute(portable, rows)
+
+
 _SAVE_PURCHASE = upsert(store.purchases, ["activity_id"], ["touch_id"])
 _NEW_PARTICIPANT = insert_ignore(store.participants)
 _NEW_PURCHASE = insert_ignore(store.purchases).returning(store.purchases.c.activity_id)
@@ -307,7 +357,7 @@ class Batch:
         conn = self.conn
         touches = [t for tid in sorted(self.dirty) if (t := self.touches[tid]) is not None]
         if touches:
-            await conn.execute(_SAVE_TOUCH, touches)
+            await bulk(conn, touches, _SAVE_TOUCH, _SAVE_TOUCH_ARRAYS)
         purchases = [self.purchases[a] for a in sorted(self.dirty_purchases)]
         if purchases:
             await conn.execute(_SAVE_PURCHASE, purchases)
@@ -332,7 +382,7 @@ class Batch:
             if v != 0
         ]
         if rows:
-            await conn.execute(_ADD, rows)
+            await bulk(conn, rows, _ADD, _ADD_ARRAYS)
         self.deltas.clear()
 
     # -- events ---------------------------------------------------------------
@@ -592,10 +642,8 @@ async def apply(
     ids = list(dict.fromkeys(e.id for e in events))
     if not ids:
         return 0
-    fresh = {
-        r[0]
-        for r in (await conn.execute(_SEEN, [{"event_id": i, "seen_at": now} for i in ids])).all()
-    }
+    seen = [{"event_id": i, "seen_at": now} for i in ids]
+    fresh = {r[0] for r in (await bulk(conn, seen, _SEEN, _SEEN_ARRAYS)).all()}
     await lock_users(conn, {e.data.user_id for e in events if e.id in fresh})
     batch = Batch(conn, window)
     new: list[Event[Any]] = []
