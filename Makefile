@@ -66,6 +66,10 @@ test-integration: $(STAMP) up ## contract and integration tiers on real Kafka an
 test: lint typecheck up ## everything CI runs: lint, types, every test tier on real servers
 	$(WITH_SERVERS) $(PY) -m pytest -ra $(PYTEST_ARGS)
 
+.PHONY: test-faults
+test-faults: $(STAMP) up ## fault injection: kill -9 of each service, provider down, duplicates, Kafka and PostgreSQL restarts (~9 min)
+	$(WITH_SERVERS) AFTERGLOW_TEST_FAULTS=all $(PY) -m pytest -ra tests/e2e/test_faults.py $(PYTEST_ARGS)
+
 .PHONY: demo
 demo: $(STAMP) ## embedded mode: four services, in-process bus, SQLite, one report
 	$(VENV)/bin/afterglow demo
