@@ -32,7 +32,7 @@ from tests.hostile.apps import ADMIN_TOKEN, RECEIPT_SECRET, SIGNED, settings_for
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(240)]
 
-EXAMPLES_PER_MODE = 30
+EXAMPLES_PER_MODE = 20
 MODES = (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE)
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
