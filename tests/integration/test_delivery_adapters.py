@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 
 from pydantic import SecretStr
 
@@ -114,3 +115,18 @@ async def test_generic_gives_up_after_max_attempts_and_long_retry_after_falls_ba
         assert failed.verdict == "failed" and failed.calls == 3
         assert throttled.verdict == "failed" and throttled.calls == 1
         assert server.duplicates() == 0
+
+
+async def test_a_message_that_cannot_become_a_request_is_refused_without_a_call() -> None:
+    async with ProviderServer(shape="generic") as server:
+        provider = client(server.url, "generic")
+        broken = dataclasses.replace(MESSAGE, id="t-2\r\nX-Injected: yes")
+        try:
+            outcome = await provider.deliver(broken)
+            after = await provider.deliver(MESSAGE)
+        finally:
+            await provider.close()
+        assert outcome.verdict == "rejected" and outcome.calls == 0
+        assert "cannot build the request" in outcome.error
+        assert after.accepted
+        assert [call.headers["idempotency-key"] for call in server.calls] == ["t-1"]

@@ -104,6 +104,12 @@ class ProviderClient:
         transport, endpoint = self._transport, self.endpoint
         if transport is None or endpoint is None:
             return Outcome("failed", 0, error="provider not configured or not open")
+        try:
+            # Built once: every attempt sends the very same request and Idempotency-Key. A
+            # message that cannot become a request fails alone, never the batch it came in.
+            request = self.adapter.request(endpoint, message)
+        except (ValueError, TypeError) as exc:
+            return Outcome("rejected", 0, error=f"cannot build the request: {type(exc).__name__}")
         last = Outcome("failed", 0, error="not called")
         for attempt in range(1, self.config.max_attempts + 1):
             if not keep_going():
@@ -118,7 +124,6 @@ class ProviderClient:
             retry_after: float | None = None
             try:
                 async with self.semaphore:
-                    request = self.adapter.request(endpoint, message)
                     response = await transport.send(request)
             except httpx.TimeoutException as exc:
                 self.circuit.failure()
