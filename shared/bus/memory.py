@@ -31,11 +31,20 @@ def partition_for(key: str, partitions: int) -> int:
 @dataclass
 class _Partition:
     log: list[Message] = field(default_factory=list)
-    appended: asyncio.Event = field(default_factory=asyncio.Event)
+    # Futures of the workers (of every group) waiting for this partition to grow.
+    waiters: list[asyncio.Future[None]] = field(default_factory=list)
 
     def append(self, message: Message) -> None:
         self.log.append(message)
-        self.appended.set()
+        if self.waiters:
+            wake(self.waiters)
+            self.waiters = []
+
+
+def wake(waiters: Iterable[asyncio.Future[None]]) -> None:
+    for waiter in waiters:
+        if not waiter.done():
+            waiter.set_result(None)
 
 
 @dataclass
@@ -194,6 +203,8 @@ class InProcessConsumer(Consumer):
         self.stats = ConsumerStats()
         self._workers: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._revoking: set[tuple[str, int]] = set()
+        # The future an idle worker waits on: resolved by an append or by its revocation.
+        self._idle: dict[tuple[str, int], asyncio.Future[None]] = {}
         self._started = False
 
     async def start(self) -> None:
@@ -219,6 +230,7 @@ class InProcessConsumer(Consumer):
         """Let the workers of partitions not in `keep` finish their batch, commit and exit."""
         leaving = [tp for tp in self._workers if tp not in keep]
         self._revoking.update(leaving)
+        wake(self._idle[tp] for tp in leaving if tp in self._idle)
         tasks = [self._workers[tp] for tp in leaving]
         if not tasks:
             return
@@ -242,12 +254,14 @@ class InProcessConsumer(Consumer):
             while tp not in self._revoking:
                 offset = self.bus._committed(self.group, tp)
                 if offset >= len(part.log):
-                    part.appended.clear()
-                    waiter = asyncio.create_task(part.appended.wait())
+                    # Checked and registered without an await in between: no wake-up is lost.
+                    waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                    part.waiters.append(waiter)
+                    self._idle[tp] = waiter
                     try:
-                        while tp not in self._revoking and not waiter.done():
-                            await asyncio.wait({waiter}, timeout=0.05)
+                        await waiter
                     finally:
+                        del self._idle[tp]
                         waiter.cancel()
                     continue
                 batch = part.log[offset : offset + self.max_batch]
