@@ -67,7 +67,7 @@ test: lint typecheck up ## everything CI runs: lint, types, every test tier on r
 	$(WITH_SERVERS) $(PY) -m pytest -ra $(PYTEST_ARGS)
 
 .PHONY: test-faults
-test-faults: $(STAMP) up ## fault injection: kill -9 of each service, provider down, duplicates, Kafka and PostgreSQL restarts (~9 min)
+test-faults: $(STAMP) up ## fault injection: kill -9 of each service, provider down, duplicates, Kafka and PostgreSQL restarts (~11 min)
 	$(WITH_SERVERS) AFTERGLOW_TEST_FAULTS=all $(PY) -m pytest -ra tests/e2e/test_faults.py $(PYTEST_ARGS)
 
 .PHONY: demo

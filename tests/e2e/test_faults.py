@@ -287,24 +287,43 @@ async def test_duplicated_and_reordered_events_send_and_count_each_touch_once(
     assert replayed > USERS * 4, replayed
 
 
+# Found by this test, not fixed yet (services/delivery/handlers.py `_deliver`): the answers
+# of calls in flight while PostgreSQL goes down cannot be recorded; the batch fails and is
+# redelivered, and the touches, still `sending`, are called again (same Idempotency-Key)
+# instead of their answers being recorded once the database is back.
+DELIVERY_REPEATS_CALLS_ACROSS_A_DB_OUTAGE = pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="delivery calls the provider again for touches it accepted during a PostgreSQL "
+    "outage (their answers were never recorded); see the comment above",
+)
+
+
 @slow
-@pytest.mark.parametrize("server", ["kafka", "postgres"])
+@pytest.mark.parametrize(
+    "server", ["kafka", pytest.param("postgres", marks=DELIVERY_REPEATS_CALLS_ACROSS_A_DB_OUTAGE)]
+)
 async def test_restart_of_kafka_or_postgres_mid_wave_delays_but_loses_nothing(
     server: str, provider: ProviderServer, tmp_path: Path, unique: str
 ) -> None:
     """On a broker and a server of the test's own (deploy/kafka/kafka.sh and
     deploy/postgres/postgres.sh on other ports): the one named is stopped in the launch
-    wave and started again; the services ride it out and every invariant holds."""
+    wave, with provider calls in flight, and started again; the services ride it out and
+    every invariant holds."""
     async with private_servers() as servers:  # its database is new and goes with it
 
         async def restart(d: Driver) -> None:
-            await first_sends(d)
+            # Slow answers: the server stops while the first calls of the wave are in flight.
+            provider.latency_s = 2.0
+            await wait_for(lambda: len(provider.keys_seen) >= 3, "calls in flight")
             if server == "kafka":
                 await servers.stop_kafka()
+                provider.latency_s = 0.0
                 await asyncio.sleep(2.0)
                 await servers.start_kafka()
             else:
                 await servers.stop_postgres()
+                provider.latency_s = 0.0
                 await asyncio.sleep(2.0)
                 await servers.start_postgres()
 
