@@ -43,15 +43,7 @@ that have rows, not `range(lanes)`), but while old rows drain, a key may have
 events in two lanes, which two replicas may then publish concurrently.
 
 On SQLite (one process) no advisory lock is needed: `Database.begin()`
-serialises the transactions of this process, and one transaction per round
-reads the oldest rows of all lanes at once (`ORDER BY id LIMIT batch * lanes`:
-for every lane a prefix of its rows, so per-key order holds), publishes them
-lane by lane and deletes what was published.
-
-After a round the relay goes again at once only if a lane filled its batch
-(more rows may wait); otherwise it waits for the next notify() - one that came
-during the round wakes it at once - or `poll_s` (rows committed by other
-processes), instead of spending a query on a round that finds nothing.
+serialises the lane transactions of this process.
 """
 
 from __future__ import annotations
@@ -160,15 +152,6 @@ def _decode_headers(raw: Any) -> Headers:
     return tuple((str(name), base64.b64decode(value)) for name, value in raw)
 
 
-def _message(row: Any) -> OutMessage:
-    return OutMessage(
-        topic=row.topic,
-        key=row.key,
-        value=bytes(row.payload),
-        headers=_decode_headers(row.headers),
-    )
-
-
 class Outbox:
     """Stores events inside the caller's transaction and relays them to the bus afterwards."""
 
@@ -202,8 +185,6 @@ class Outbox:
         self.last_error: BaseException | None = None
         self.published_total = 0
         self.errors_total = 0
-        # Whether a lane of the last round filled its batch (more may be waiting).
-        self._full = False
         self._wake = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
@@ -274,9 +255,6 @@ class Outbox:
         and ends this round with what was published so far; `last_error` tells
         how the last round ended (None: fine).
         """
-        self._full = False
-        if self.db.is_sqlite:
-            return await self._relay_sqlite()
         published = 0
         try:
             for lane in await self._lanes_with_rows():
@@ -296,54 +274,6 @@ class Outbox:
             raise
         self.last_error = None
         return published
-
-    async def _relay_sqlite(self) -> int:
-        """One transaction for every lane: read, publish lane by lane, delete what left."""
-        t = self.table
-        sent: list[int] = []
-        failure: PublishError | None = None
-        try:
-            async with self.db.begin() as conn:
-                result = await conn.execute(
-                    select(t.c.id, t.c.lane, t.c.topic, t.c.key, t.c.payload, t.c.headers)
-                    .order_by(t.c.id)
-                    .limit(self.batch * self.lanes)
-                )
-                found = result.all()
-                # The limit cut the read short: more rows may be waiting.
-                self._full = len(found) == self.batch * self.lanes
-                by_lane: dict[int, list[Any]] = {}
-                for row in found:
-                    by_lane.setdefault(int(row.lane), []).append(row)
-                # This holds the service's write lock while publishing: fine for the
-                # in-process bus of the embedded mode, bounded by the send timeout otherwise.
-                for lane in sorted(by_lane):
-                    rows = by_lane[lane][: self.batch]
-                    if len(rows) == self.batch:
-                        self._full = True
-                    try:
-                        await self.bus.publish([_message(row) for row in rows])
-                    except PublishError as exc:
-                        # This lane's rows stay; the lanes published before are deleted.
-                        failure = exc
-                        log.warning(
-                            "outbox publish failed; messages stay in the outbox",
-                            extra={"table": t.fullname, "lane": lane, "error": str(exc)},
-                        )
-                        break
-                    sent.extend(row.id for row in rows)
-                for start in range(0, len(sent), _DELETE_CHUNK):
-                    chunk = sent[start : start + _DELETE_CHUNK]
-                    await conn.execute(delete(t).where(t.c.id.in_(chunk)))
-        except Exception as exc:
-            self._failed(exc)
-            raise
-        self.published_total += len(sent)
-        if failure is not None:
-            self._failed(failure)
-        else:
-            self.last_error = None
-        return len(sent)
 
     def _failed(self, exc: BaseException) -> None:
         self.last_error = exc
@@ -367,10 +297,18 @@ class Outbox:
             rows = result.all()
             if not rows:
                 return 0
-            if len(rows) == self.batch:
-                self._full = True
-            messages = [_message(row) for row in rows]
-            # Raises PublishError: the transaction rolls back and the rows stay.
+            messages = [
+                OutMessage(
+                    topic=row.topic,
+                    key=row.key,
+                    value=bytes(row.payload),
+                    headers=_decode_headers(row.headers),
+                )
+                for row in rows
+            ]
+            # Raises PublishError: the transaction rolls back and the rows stay. (On
+            # SQLite this holds the service's write lock while publishing: fine for the
+            # in-process bus of the embedded mode, bounded by the send timeout otherwise.)
             await self.bus.publish(messages)
             ids = [row.id for row in rows]
             for start in range(0, len(ids), _DELETE_CHUNK):
@@ -378,8 +316,7 @@ class Outbox:
         return len(rows)
 
     async def run(self) -> None:
-        """Relay until `stop()`: again at once while a lane fills its batch, else on notify()
-        or after poll_s.
+        """Relay until `stop()`: again at once while there is work, else on notify() or poll_s.
 
         Errors (database down, broker down) are logged and retried after a
         doubling back-off capped at `max_backoff_s`; the loop never gives up.
@@ -403,15 +340,13 @@ class Outbox:
                 await self._sleep(min(self.max_backoff_s, 0.05 * 2 ** min(failures - 1, 16)))
                 continue
             failures = 0
-            if published and self._full:
+            if published:
                 continue
-            # Rows committed before this round began were in it; later ones come with a
-            # notify() after the clear() above, which ends this wait at once.
             await self._sleep(self.poll_s)
 
     async def _sleep(self, seconds: float) -> None:
         """Wait `seconds`, or less if notify() or stop() happens."""
-        if self._stopping or self._wake.is_set():
+        if self._stopping:
             return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout=seconds)
