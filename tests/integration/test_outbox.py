@@ -388,9 +388,12 @@ async def test_the_loop_survives_a_missing_table(env: Env) -> None:
     await bus.ensure_topics(["activities"])
     outbox = env.outbox(db, outbox_t, bus, poll_s=0.01, max_backoff_s=0.02)
     await outbox.start()
-    await asyncio.sleep(0.1)
+
+    async def failed_once() -> bool:
+        return outbox.errors_total > 0
+
+    await wait_for(failed_once)
     assert outbox.running
-    assert outbox.errors_total > 0
 
     await db.create_all(metadata)
     await add_committed(db, outbox, [activity("u", 0)])
