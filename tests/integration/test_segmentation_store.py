@@ -171,11 +171,11 @@ async def test_batched_upserts_match_the_raw_activities(db: Database) -> None:
     assert later == date(2025, 5, 1)
 
 
+@pytest.mark.parametrize("db", ["postgres"], indirect=True)
 async def test_the_set_based_batch_folds_like_the_rules(db: Database) -> None:
-    """PostgreSQL records a batch in one statement: same aggregates and monthly buckets as
-    `domain.fold_activities` / `month_amounts`; ids seen before and erased users are skipped."""
-    if not db.is_postgres:
-        pytest.skip("the set-based batch is PostgreSQL's; SQLite folds in Python")
+    """PostgreSQL records a batch in one statement (SQLite folds in Python): same aggregates
+    and monthly buckets as `domain.fold_activities` / `month_amounts`; ids seen before and
+    erased users are skipped."""
     rng = random.Random(11)
     acts = [
         domain.Activity(
