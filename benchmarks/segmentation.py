@@ -37,7 +37,6 @@ import json
 import os
 import random
 import resource
-import socket
 import sys
 import time
 import uuid
@@ -57,6 +56,7 @@ from services.segmentation.config import SegmentationConfig
 from shared.events import PromotionEnded, default_registry, encode
 from shared.service import ServiceContext
 from shared.settings import Settings
+from tests.support.ports import free_port
 
 TOKEN = "bench-token"
 NOW = datetime.now(UTC)
@@ -163,9 +163,7 @@ async def client(url: str, users: int, total: int, concurrency: int) -> dict[str
 
 async def ingest(app: Any, users: int, total: int, concurrency: int) -> dict[str, float]:
     """Serve `app` with uvicorn here; the client posts from another process."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(
             app, host="127.0.0.1", port=port, lifespan="off", log_config=None, access_log=False

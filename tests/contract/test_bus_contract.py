@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
 from collections.abc import Callable, Sequence
 
 import pytest
 
 from shared.bus import BatchHandler, Bus, Message, OutMessage, PublishError
+from tests.support.ports import free_port
 
 from .conftest import PARTITIONS, TEST_BACKOFF, BusFactory
 
@@ -341,12 +341,6 @@ async def test_ping_and_unknown_topic_consumer(bus_factory: BusFactory, unique: 
         await consumer.start()
 
 
-def _closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 async def test_kafka_bus_with_an_unreachable_broker_fails_fast(unique: str) -> None:
     # Needs no broker: it is about the one that is not there.
     from shared.bus.kafka import KafkaBus, KafkaUnavailableError
@@ -365,7 +359,7 @@ async def test_kafka_bus_with_an_unreachable_broker_fails_fast(unique: str) -> N
         await bus.stop()
 
     # Nothing listens: refused at once.
-    await assert_unavailable(f"127.0.0.1:{_closed_port()}")
+    await assert_unavailable(f"127.0.0.1:{free_port()}")
 
     # Something accepts connections and never answers: the start timeout bounds it.
     writers: list[asyncio.StreamWriter] = []

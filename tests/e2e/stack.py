@@ -16,7 +16,6 @@ from __future__ import annotations
 import bisect
 import contextlib
 import os
-import socket
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -28,24 +27,11 @@ import httpx
 
 from services.stack import Stack, dev_env, with_provider
 from shared.settings import SERVICES
+from tests.support.ports import free_ports
 
 TOKEN = "e2e-token"
 _BUS_SERIES = ("afterglow_bus_messages_produced_total{", "afterglow_bus_messages_consumed_total{")
 RECEIPT_SECRET = "e2e-receipt-secret"
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports the kernel has just handed out (and released) on loopback."""
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 @dataclass

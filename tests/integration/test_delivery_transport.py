@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import AsyncIterator, Callable
 
 import httpx
@@ -18,6 +17,7 @@ import pytest
 
 from services.delivery.providers.base import Endpoint
 from services.delivery.providers.fast import FastTransport
+from tests.support.ports import free_port
 from tests.support.provider_server import Answer, ProviderServer
 
 
@@ -114,9 +114,7 @@ async def test_a_dropped_connection_is_a_transport_error_and_the_next_call_recon
 
 
 async def test_nobody_listening_is_a_connect_error() -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     transport = FastTransport(1)
     try:
         with pytest.raises(httpx.ConnectError):
