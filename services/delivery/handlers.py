@@ -217,11 +217,13 @@ async def on_touches_due(
                 work.resume = row.channel is not None
             pending.append(work)
     wait_s = rt.config.consent_wait_s
-    waiting = [w for w in pending if wait_s > 0 and _waits_for_consent(w, rt)]
+    ready: list[Work] = []
+    waiting: list[Work] = []
+    for work in pending:
+        (waiting if wait_s > 0 and _waits_for_consent(work, rt) else ready).append(work)
     if not waiting:
-        await _deliver(ctx, rt, pending)
+        await _deliver(ctx, rt, ready)
         return
-    ready = [w for w in pending if not _waits_for_consent(w, rt)]
     await asyncio.gather(_deliver(ctx, rt, ready), _deliver_later(ctx, rt, waiting, wait_s))
 
 

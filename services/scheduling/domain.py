@@ -524,9 +524,7 @@ def decide_user(
 
     Priority: the policy's wave order, then the promotion that ended first.
     """
-    ordered = list(touches)
-    if len(ordered) > 1:
-        ordered.sort(key=lambda t: (t.rank, t.promotion_ended_at, t.due_at, t.touch_id))
+    ordered = sorted(touches, key=lambda t: (t.rank, t.promotion_ended_at, t.due_at, t.touch_id))
     tz = zone(user.timezone)
     out: list[tuple[DueTouch, Decision]] = []
     for touch in ordered:
