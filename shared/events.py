@@ -106,7 +106,8 @@ class ActivityRecorded(UserEvent):
     id: str = Field(min_length=1, max_length=128)
     kind: Literal["purchase", "visit", "click", "open", "refund"]
     occurred_at: datetime
-    amount: float | None = None
+    # What a purchase or refund was worth; a refund is a positive amount of kind "refund".
+    amount: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     currency: str | None = None
     item_id: str | None = None
     category: str | None = None

@@ -10,6 +10,7 @@ import pytest
 from shared.events import (
     ALL_SCHEMAS,
     TOPICS,
+    ActivityRecorded,
     EventError,
     PromotionEnded,
     Registry,
@@ -82,6 +83,19 @@ def test_invalid_data_names_the_field() -> None:
     with pytest.raises(EventError) as caught:
         default_registry().decode(envelope(data={"promotion_id": "p-1"}))
     assert "ended_at" in caught.value.detail
+
+
+@pytest.mark.parametrize("amount", [-5.0, "NaN", "Infinity"])
+def test_an_activity_from_the_topic_with_an_impossible_amount_is_refused(amount: object) -> None:
+    # The REST API refuses these; an activity from the `activities` topic is held to the same
+    # rule, so that no producer can put a negative or endless amount into revenue.
+    activity = ActivityRecorded(id="a-1", user_id="u-1", kind="purchase", occurred_at=NOW)
+    body = orjson.loads(encode(activity, source="test", time=NOW))
+    body["data"]["amount"] = amount
+    with pytest.raises(EventError) as caught:
+        default_registry().decode(orjson.dumps(body))
+    assert caught.value.reason == "invalid_data"
+    assert "amount" in caught.value.detail
 
 
 def test_unknown_fields_are_ignored_for_forward_compatibility() -> None:
