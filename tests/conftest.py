@@ -66,10 +66,49 @@ def postgres_url(request: pytest.FixtureRequest) -> str:
     return database
 
 
+# Every suffix handed out this session: the topics named with one are deleted at the end.
+_suffixes: set[str] = set()
+
+
 @pytest.fixture
 def unique() -> Iterator[str]:
     """A short unique suffix for topic, group and schema names so tests never share state."""
-    yield uuid.uuid4().hex[:10]
+    suffix = uuid.uuid4().hex[:10]
+    _suffixes.add(suffix)
+    yield suffix
+
+
+async def _delete_test_topics(bootstrap: str, suffixes: set[str]) -> int:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    await admin.start()
+    try:
+        ours = [t for t in await admin.list_topics() if any(s in t for s in suffixes)]
+        for start in range(0, len(ours), 100):
+            await admin.delete_topics(ours[start : start + 100], timeout_ms=30_000)
+        return len(ours)
+    finally:
+        await admin.close()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Delete the Kafka topics this session's tests created (only theirs: others may be running).
+
+    A broker kept by `make up` otherwise gathers hundreds of partitions per run, and with
+    them open files, until it no longer starts.
+    """
+    bootstrap = os.environ.get("AFTERGLOW_TEST_KAFKA", "")
+    if not bootstrap or not _suffixes:
+        return
+    import asyncio
+
+    try:
+        deleted = asyncio.run(asyncio.wait_for(_delete_test_topics(bootstrap, _suffixes), 120))
+    except Exception as exc:  # tidying up must never fail the run
+        print(f"\nconftest: could not delete this run's test topics: {exc!r}")
+    else:
+        print(f"\nconftest: deleted {deleted} test topics")
 
 
 @pytest.fixture(autouse=True)
