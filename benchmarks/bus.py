@@ -1,15 +1,18 @@
 """Bus throughput: events/s produced and consumed through one KafkaBus (or the in-process bus).
 
     python -m benchmarks.bus [--messages 100000] [--batch 1000] [--max-batch 500] [--memory]
+                             [--json PATH]
 
 Needs AFTERGLOW_KAFKA_BOOTSTRAP_SERVERS (from `make up`) unless --memory. Prints figures;
-asserts nothing.
+asserts nothing. `--json PATH` also writes them as one flat JSON object: messages,
+produced_per_s, consumed_per_s, peak_rss_mb.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import resource
 import time
@@ -61,6 +64,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1000, help="messages per publish call")
     parser.add_argument("--max-batch", type=int, default=500, help="messages per handler call")
     parser.add_argument("--memory", action="store_true", help="the in-process bus instead")
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
     bus: Bus
     if args.memory:
@@ -81,6 +85,11 @@ def main() -> None:
     print(f"  produced  {produced:>10,.0f} events/s (publish batches of {args.batch})")
     print(f"  consumed  {consumed:>10,.0f} events/s (handler batches of {args.max_batch})")
     print(f"  peak RSS  {peak_mb:>10,.0f} MB")
+    if args.json:
+        report = {"messages": args.messages, **figures, "peak_rss_mb": round(peak_mb, 1)}
+        with open(args.json, "w") as out:
+            json.dump(report, out, indent=2)
+            out.write("\n")
 
 
 if __name__ == "__main__":
