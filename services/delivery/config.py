@@ -79,6 +79,12 @@ class DeliveryConfig(BaseModel):
     # A batch keeps thousands of calls in flight; with the default, the collector
     # re-scans them every 700 allocations and took ~35% of the CPU per touch.
     gc_threshold: int = Field(100_000, ge=0)
+    # Provider answers in hand whose round cannot be written (the database is down or
+    # restarting) are kept and written again, with backoff, for this long before the
+    # batch fails and is redelivered (which repeats those calls, same Idempotency-Key).
+    settle_retry_s: float = Field(300.0, ge=0)
+    settle_backoff_s: float = Field(0.2, gt=0)
+    settle_backoff_max_s: float = Field(5.0, gt=0)
 
     @model_validator(mode="after")
     def _every_channel(self) -> DeliveryConfig:

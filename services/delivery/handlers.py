@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -37,6 +38,7 @@ from services.delivery.domain import Contact, Fail, Ledger, Send
 from services.delivery.providers.base import OutboundMessage
 from services.delivery.providers.client import Outcome
 from services.delivery.runtime import DeliveryRuntime
+from shared.consumer import is_transient
 from shared.db import insert_ignore, upsert
 from shared.events import (
     DeliveryBounced,
@@ -165,6 +167,10 @@ class Round:
     failed: dict[str, int] = field(default_factory=dict)
     # Spend rows this transaction inserted: known to exist once it commits.
     created_spend: set[tuple[str, str]] = field(default_factory=set)
+    # Metrics (channel, status, reason) and log lines (level, message, extra): for after
+    # the commit, so that a round written again counts and says each thing once.
+    counts: list[tuple[str, str, str]] = field(default_factory=list)
+    notes: list[tuple[int, str, dict[str, Any]]] = field(default_factory=list)
 
 
 async def on_touches_due(
@@ -264,7 +270,10 @@ async def _deliver(ctx: ServiceContext, rt: DeliveryRuntime, pending: list[Work]
     """Rounds until every lane is settled: record, call, settle, fall back."""
     in_flight: list[Work] = []
     while pending or in_flight:
-        to_call = await _round(ctx, rt, settle=in_flight, decide=pending)
+        if in_flight:
+            to_call = await _keep_answers(ctx, rt, settle=in_flight, decide=pending)
+        else:
+            to_call = await _round(ctx, rt, settle=[], decide=pending)
         pending = []
         if not to_call:
             break
@@ -275,47 +284,242 @@ async def _deliver(ctx: ServiceContext, rt: DeliveryRuntime, pending: list[Work]
 
 
 async def _call(rt: DeliveryRuntime, work: Work) -> Outcome:
+    """One lane's call; whatever goes wrong in it is a failed call of that lane alone."""
     assert work.message is not None and work.channel is not None
     user_id = work.due.user_id
-    return await rt.providers[work.channel].deliver(
-        work.message, keep_going=lambda: user_id not in rt.erased
+    try:
+        return await rt.providers[work.channel].deliver(
+            work.message, keep_going=lambda: user_id not in rt.erased
+        )
+    except Exception as exc:
+        # A bug in an adapter or the transport: the other calls of the batch settle as
+        # usual, this lane falls back by the rules (it may have reached the provider, so
+        # it counts as a call).
+        log.exception(
+            "provider call failed unexpectedly",
+            extra={"channel": work.channel, "touch_id": work.due.touch_id},
+        )
+        return Outcome("failed", 1, error=f"unexpected: {type(exc).__name__}")
+
+
+class _CommitUnknown(Exception):
+    """The connection broke during COMMIT: the round's writes may or may not be stored."""
+
+    def __init__(self, todo: Round, to_call: list[Work]) -> None:
+        super().__init__("the commit of a delivery round was not acknowledged")
+        self.todo = todo
+        self.to_call = to_call
+
+
+async def _keep_answers(
+    ctx: ServiceContext, rt: DeliveryRuntime, *, settle: list[Work], decide: list[Work]
+) -> list[Work]:
+    """`_round` for answers in hand: while the database cannot take them, wait and retry.
+
+    The calls behind `settle` were made; redoing the batch from its event would make them
+    again (same Idempotency-Key, but a second send for a provider that does not keep
+    keys). So a round that fails because the database is unreachable is computed again
+    from the state the lanes had before it (`_Snapshot`: a failed attempt's changes to
+    the lanes are dropped with its transaction) and written again, with backoff, for up
+    to `settle_retry_s`; only then does the error reach the consumer. A commit whose
+    acknowledgement was lost is looked up before anything is written again
+    (`_round_stored`), so a round is never applied twice.
+    """
+    config = rt.config
+    deadline = time.monotonic() + config.settle_retry_s
+    snapshot = _Snapshot(settle + decide)
+    unknown: _CommitUnknown | None = None
+    attempt = 0
+    while True:
+        try:
+            if unknown is not None:
+                async with ctx.db.connect() as conn:
+                    stored = await _round_stored(conn, unknown.todo)
+                if stored:
+                    _after_commit(ctx, rt, unknown.todo)
+                    return unknown.to_call
+                snapshot.restore()
+                unknown = None
+            return await _round(ctx, rt, settle=settle, decide=decide)
+        except Exception as exc:
+            if isinstance(exc, _CommitUnknown):
+                unknown, cause = exc, exc.__cause__ or exc
+            else:
+                cause = exc
+                if unknown is None:
+                    snapshot.restore()
+            attempt += 1
+            if not database_unreachable(cause) or time.monotonic() >= deadline:
+                if unknown is not None:
+                    snapshot.restore()
+                rt.settle_retry("gave_up")
+                log.error(
+                    "cannot record provider answers; the batch will be redelivered",
+                    extra={"calls": len(settle), "attempts": attempt, "error": _name(cause)},
+                )
+                raise cause from None
+            rt.settle_retry("retried")
+            log.warning(
+                "cannot record provider answers yet; keeping them and retrying",
+                extra={"calls": len(settle), "attempt": attempt, "error": _name(cause)},
+            )
+            await asyncio.sleep(
+                domain.backoff_delay(
+                    attempt, base_s=config.settle_backoff_s, max_s=config.settle_backoff_max_s
+                )
+            )
+
+
+def _name(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None)
+    return type(exc).__name__ + (f" ({type(orig).__name__})" if orig is not None else "")
+
+
+# SQLSTATE classes of a server that is going away or not back yet: 08 connection
+# exception, 53 insufficient resources, 57 operator intervention (57P01 admin shutdown,
+# 57P03 cannot connect now: the server is starting up).
+_UNREACHABLE_SQLSTATE = ("08", "53", "57")
+
+
+def database_unreachable(exc: BaseException) -> bool:
+    """The consumer's transient errors, and the refusals of a server that restarts."""
+    if is_transient(exc):
+        return True
+    for candidate in (exc, getattr(exc, "orig", None), exc.__cause__):
+        state = getattr(candidate, "sqlstate", None) or getattr(candidate, "pgcode", None)
+        if isinstance(state, str) and state.startswith(_UNREACHABLE_SQLSTATE):
+            return True
+    return False
+
+
+class _Snapshot:
+    """The state of some lanes (and of their touches' groups) to go back to."""
+
+    def __init__(self, works: list[Work]) -> None:
+        self.works = [
+            (
+                w,
+                list(w.tried),
+                w.attempts,
+                w.channel,
+                w.cost,
+                w.resume,
+                w.message,
+                w.coupon,
+                w.row_exists,
+                w.outcome,
+            )
+            for w in works
+        ]
+        groups = {id(w.group): w.group for w in works}
+        self.groups = [(g, dict(g.holders), g.open, g.accepted, g.coupon) for g in groups.values()]
+
+    def restore(self) -> None:
+        for (
+            w,
+            tried,
+            attempts,
+            channel,
+            cost,
+            resume,
+            message,
+            coupon,
+            exists,
+            outcome,
+        ) in self.works:
+            w.tried = list(tried)
+            w.attempts, w.channel, w.cost, w.resume = attempts, channel, cost, resume
+            w.message, w.coupon, w.row_exists, w.outcome = message, coupon, exists, outcome
+        for g, holders, open_, accepted, coupon in self.groups:
+            g.holders = dict(holders)
+            g.open, g.accepted, g.coupon = open_, accepted, coupon
+
+
+async def _round_stored(conn: AsyncConnection, todo: Round) -> bool:
+    """Whether a round whose commit went unacknowledged is in the tables.
+
+    Its rows were written in one transaction, so one of them tells: an inserted row
+    exists, an updated row holds what the round wrote (every round changes the status,
+    channel, attempts or tried channels of each row it writes).
+    """
+    d, p = store.deliveries, store.parallel_sends
+    if todo.inserts or todo.updates:
+        written = todo.inserts[0] if todo.inserts else todo.updates[0]
+        key = written.get("touch_id", written.get("b_touch_id"))
+        row = (await conn.execute(select(d).where(d.c.touch_id == key))).first()
+        if todo.inserts:
+            return row is not None
+    elif todo.lane_inserts or todo.lane_updates:
+        written = todo.lane_inserts[0] if todo.lane_inserts else todo.lane_updates[0]
+        key = written.get("touch_id", written.get("b_touch_id"))
+        lane = written.get("lane", written.get("b_lane"))
+        row = (
+            await conn.execute(select(p).where(p.c.touch_id == key).where(p.c.lane == lane))
+        ).first()
+        if todo.lane_inserts:
+            return row is not None
+    else:
+        return False
+    return (
+        row is not None
+        and all(getattr(row, name) == written[name] for name in ("status", "channel", "attempts"))
+        and list(row.tried or []) == list(written["tried"])
     )
 
 
 async def _round(
     ctx: ServiceContext, rt: DeliveryRuntime, *, settle: list[Work], decide: list[Work]
 ) -> list[Work]:
-    """One transaction: settle the answers of the last calls, decide and record the next."""
+    """One transaction: settle the answers of the last calls, decide and record the next.
+
+    It changes the lanes in memory as it goes (see `_Snapshot` for going back); what it
+    does beyond the database (metrics, logs, the outbox's wake-up) waits for the commit.
+    """
     now = ctx.clock.now()
     todo = Round()
     decide = list(decide)
     for work in settle:
-        if _settle(rt, work, todo, now):
+        if _settle(work, todo, now):
             decide.append(work)
     to_call: list[Work] = []
-    async with ctx.db.begin() as conn:
-        erased = await _erased_now(conn, rt, (w.due.user_id for w in decide))
-        ledger = await _lock_ledger(conn, rt, settle + decide, todo.created_spend)
-        for work in settle:
-            if work.outcome is not None and not work.outcome.accepted and work.cost:
-                ledger.refund(work.due.promotion_id, work.tried[-1], work.cost)
-                work.cost = 0.0
-        for work in decide:
-            if work.due.user_id in erased:
-                _fail(rt, work, todo, now, "erased", "the user was erased")
-                continue
-            if _decide(rt, work, ledger, todo, now):
-                to_call.append(work)
-        await _write(conn, todo)
-        await ctx.outbox.add(conn, todo.events, now=now)
-        await _write_spend(conn, rt, ledger, todo)
-    rt.spend_rows |= todo.created_spend
-    if todo.events:
-        ctx.outbox.notify()
+    committing = False
+    try:
+        async with ctx.db.begin() as conn:
+            erased = await _erased_now(conn, rt, (w.due.user_id for w in decide))
+            ledger = await _lock_ledger(conn, rt, settle + decide, todo.created_spend)
+            for work in settle:
+                if work.outcome is not None and not work.outcome.accepted and work.cost:
+                    ledger.refund(work.due.promotion_id, work.tried[-1], work.cost)
+                    work.cost = 0.0
+            for work in decide:
+                if work.due.user_id in erased:
+                    _fail(work, todo, now, "erased", "the user was erased")
+                    continue
+                if _decide(rt, work, ledger, todo, now):
+                    to_call.append(work)
+            await _write(conn, todo)
+            await ctx.outbox.add(conn, todo.events, now=now)
+            await _write_spend(conn, rt, ledger, todo)
+            committing = True
+    except Exception as exc:
+        if committing:
+            raise _CommitUnknown(todo, to_call) from exc
+        raise
+    _after_commit(ctx, rt, todo)
     return to_call
 
 
-def _settle(rt: DeliveryRuntime, work: Work, todo: Round, now: datetime) -> bool:
+def _after_commit(ctx: ServiceContext, rt: DeliveryRuntime, todo: Round) -> None:
+    rt.spend_rows |= todo.created_spend
+    for channel, status, reason in todo.counts:
+        rt.count(channel, status, reason)
+    for level, message, extra in todo.notes:
+        log.log(level, message, extra=extra)
+    if todo.events:
+        ctx.outbox.notify()
+
+
+def _settle(work: Work, todo: Round, now: datetime) -> bool:
     """Record one call's answer; True when the touch needs another channel."""
     outcome = work.outcome
     assert outcome is not None and work.channel is not None
@@ -338,7 +542,7 @@ def _settle(rt: DeliveryRuntime, work: Work, todo: Round, now: datetime) -> bool
                 attempts=work.attempts,
             )
         )
-        rt.count(channel, "sent")
+        todo.counts.append((channel, "sent", ""))
         return False
     if outcome.calls:
         todo.failed[channel] = todo.failed.get(channel, 0) + 1
@@ -347,14 +551,17 @@ def _settle(rt: DeliveryRuntime, work: Work, todo: Round, now: datetime) -> bool
     if outcome.verdict == "stopped":
         work.channel = None
         return True  # the next decision sees the erasure
-    log.warning(
-        "provider did not accept a touch; falling back",
-        extra={
-            "channel": channel,
-            "touch_id": work.due.touch_id,
-            "verdict": outcome.verdict,
-            "error": outcome.error,
-        },
+    todo.notes.append(
+        (
+            logging.WARNING,
+            "provider did not accept a touch; falling back",
+            {
+                "channel": channel,
+                "touch_id": work.due.touch_id,
+                "verdict": outcome.verdict,
+                "error": outcome.error,
+            },
+        )
     )
     return True
 
@@ -375,7 +582,7 @@ def _decide(rt: DeliveryRuntime, work: Work, ledger: Ledger, todo: Round, now: d
         due, work.contact, rt.terms, ledger, work.tried, taken=work.group.taken(work.lane)
     )
     if isinstance(choice, Fail):
-        _fail(rt, work, todo, now, choice.reason, choice.detail)
+        _fail(work, todo, now, choice.reason, choice.detail)
         return False
     assert isinstance(choice, Send)
     work.channel = choice.channel
@@ -400,7 +607,7 @@ def _prepare(rt: DeliveryRuntime, work: Work, todo: Round, now: datetime, *, rec
             domain.template_variables(due, work.coupon),
         )
     except domain.TemplateError as exc:
-        _fail(rt, work, todo, now, domain.TEMPLATE, f"{channel}: {exc}")
+        _fail(work, todo, now, domain.TEMPLATE, f"{channel}: {exc}")
         return False
     work.message = OutboundMessage(
         id=due.touch_id,
@@ -444,9 +651,7 @@ def _record(work: Work, todo: Round, now: datetime, **values: Any) -> None:
     work.row_exists = True
 
 
-def _fail(
-    rt: DeliveryRuntime, work: Work, todo: Round, now: datetime, reason: str, detail: str
-) -> None:
+def _fail(work: Work, todo: Round, now: datetime, reason: str, detail: str) -> None:
     channel = work.tried[-1] if work.tried else work.channel
     work.channel = channel
     work.cost = 0.0
@@ -462,10 +667,13 @@ def _fail(
                 reason=reason,
             )
         )
-    rt.count(channel or "", "failed", reason)
-    log.info(
-        "touch failed",
-        extra={"touch_id": work.due.touch_id, "reason": reason, "detail": mask_value(detail)},
+    todo.counts.append((channel or "", "failed", reason))
+    todo.notes.append(
+        (
+            logging.INFO,
+            "touch failed",
+            {"touch_id": work.due.touch_id, "reason": reason, "detail": mask_value(detail)},
+        )
     )
 
 

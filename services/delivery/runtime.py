@@ -39,6 +39,13 @@ class DeliveryMetrics:
             ["channel", "status", "reason"],
             registry=registry,
         )
+        self.settle_retries = Counter(
+            "afterglow_delivery_settle_retries_total",
+            "Rounds of provider answers that could not be written at once: retried, or "
+            "given up (the batch is redelivered and its calls repeated).",
+            ["outcome"],
+            registry=registry,
+        )
         self.circuit = Gauge(
             "afterglow_delivery_circuit_state",
             "Circuit breaker per channel: 0 closed, 1 half-open, 2 open.",
@@ -133,6 +140,10 @@ class DeliveryRuntime:
         if child is None:
             child = self._outcome_children[key] = self.metrics.outcomes.labels(*key)
         child.inc()
+
+    def settle_retry(self, outcome: str) -> None:
+        """A round of answers not written at once: `retried` or `gave_up`."""
+        self.metrics.settle_retries.labels(outcome).inc()
 
     async def close(self) -> None:
         for provider in self.providers.values():

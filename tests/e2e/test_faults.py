@@ -287,22 +287,8 @@ async def test_duplicated_and_reordered_events_send_and_count_each_touch_once(
     assert replayed > USERS * 4, replayed
 
 
-# Found by this test, not fixed yet (services/delivery/handlers.py `_deliver`): the answers
-# of calls in flight while PostgreSQL goes down cannot be recorded; the batch fails and is
-# redelivered, and the touches, still `sending`, are called again (same Idempotency-Key)
-# instead of their answers being recorded once the database is back.
-DELIVERY_REPEATS_CALLS_ACROSS_A_DB_OUTAGE = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="delivery calls the provider again for touches it accepted during a PostgreSQL "
-    "outage (their answers were never recorded); see the comment above",
-)
-
-
 @slow
-@pytest.mark.parametrize(
-    "server", ["kafka", pytest.param("postgres", marks=DELIVERY_REPEATS_CALLS_ACROSS_A_DB_OUTAGE)]
-)
+@pytest.mark.parametrize("server", ["kafka", "postgres"])
 async def test_restart_of_kafka_or_postgres_mid_wave_delays_but_loses_nothing(
     server: str, provider: ProviderServer, tmp_path: Path, unique: str
 ) -> None:

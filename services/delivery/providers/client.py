@@ -21,7 +21,7 @@ from services.delivery.providers.base import (
     OutboundMessage,
     retry_after_seconds,
 )
-from services.delivery.providers.fast import FastTransport
+from services.delivery.providers.fast import FastTransport, ProviderAnswer
 from services.delivery.providers.resilience import (
     CircuitBreaker,
     CircuitState,
@@ -29,6 +29,8 @@ from services.delivery.providers.resilience import (
 )
 
 log = logging.getLogger(__name__)
+
+MESSAGE_ID_MAX = 256  # deliveries.provider_message_id
 
 # accepted: 2xx. rejected: another 4xx, final for this channel. failed: retries ran out
 # (429, 5xx, timeouts, dropped connections). circuit_open: not called at all.
@@ -133,15 +135,24 @@ class ProviderClient:
                 self.circuit.failure()
                 last = Outcome("failed", calls, error=f"transport: {type(exc).__name__}")
                 self.observe(self.channel, "transport_error", time.perf_counter() - started)
+            except Exception as exc:
+                # Not a network failure that httpx names: a bug or a surprise of the
+                # transport. A failed try of this message alone, retried like the others.
+                self.circuit.failure()
+                last = Outcome("failed", calls, error=f"unexpected: {type(exc).__name__}")
+                self.observe(self.channel, "error", time.perf_counter() - started)
+                log.warning(
+                    "provider call raised unexpectedly",
+                    extra={"channel": self.channel, "error": type(exc).__name__},
+                    exc_info=True,
+                )
             else:
                 status = response.status_code
                 seconds = time.perf_counter() - started
                 if 200 <= status < 300:
                     self.circuit.success()
                     self.observe(self.channel, "accepted", seconds)
-                    return Outcome(
-                        "accepted", calls, self.adapter.message_id(response), status=status
-                    )
+                    return Outcome("accepted", calls, self._message_id(response), status=status)
                 if status == 429:
                     # Throttled: the provider is up, so this says nothing about its health.
                     self.circuit.release()
@@ -171,6 +182,22 @@ class ProviderClient:
                     )
                 )
         return last
+
+    def _message_id(self, response: ProviderAnswer) -> str | None:
+        """The provider's id of an accepted message; None when its answer does not say.
+
+        Never raises, and fits its column: the message is accepted whatever the body, and
+        an answer that could not be stored would have it sent again.
+        """
+        try:
+            found = self.adapter.message_id(response)
+            return found[:MESSAGE_ID_MAX] if found is not None else None
+        except Exception as exc:
+            log.warning(
+                "accepted answer without a readable message id",
+                extra={"channel": self.channel, "error": type(exc).__name__},
+            )
+            return None
 
     def state(self) -> CircuitState:
         return self.circuit.state
