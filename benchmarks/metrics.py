@@ -2,7 +2,7 @@
 process, catch-up behind the newest event, and `GET /v1/funnel` latency.
 
     python -m benchmarks.metrics [--participants 100000] [--funnel-participants 1000000]
-                                 [--batch 1000] [--calls 20] [--json PATH]
+                                 [--batch 1000] [--calls 20] [--json PATH] [--profile PATH]
 
 Per participant: touch.planned for two waves (launch, day3), delivery.sent for each, an
 engagement "opened" for 30% of sends and "clicked" for 10%, and a purchase
@@ -12,7 +12,10 @@ so the app works through a backlog and no producer shares its CPU: events/s (con
 and count) runs from the first event consumed until the funnel shows every count (the funnel
 is asked only once every message is consumed); catch-up is the time from the app's start
 (all events already published) until then, and the peak consumer lag is read from the app's
-metrics registry.
+metrics registry. CPU per event is that of this process (consuming, decoding, counting)
+and of PostgreSQL's backends serving the benchmark's database, over the same span: on a
+loaded machine it is the figure to judge a change by. `--profile PATH` writes a cProfile of
+this process over that span (`python -m pstats PATH`).
 
 Funnel latency at `--funnel-participants` (default 1,000,000): counting that many through
 Kafka would take long, so a second promotion's aggregate rows (`minute_counts`, the only
@@ -23,9 +26,11 @@ funnel is timed on it.
 
 `--json PATH` also writes the figures as one flat JSON object:
 participants, events, encode_s, publish_events_per_s, all_counted (bool),
-aggregate_events_per_s, aggregate_s, catch_up_s, startup_s (these four null when not all
-counted), peak_lag, seed_model_matches (bool), funnel_p50_ms / funnel_p99_ms (group_by=wave,
-at `participants`), funnel_channel_p50_ms / funnel_channel_p99_ms (group_by=wave,channel),
+aggregate_events_per_s, aggregate_s, catch_up_s, startup_s, cpu_us_per_event (this process
+while it counts), db_cpu_us_per_event (PostgreSQL's backends of the benchmark's database,
+read from /proc: same host only) (these six null when not all counted), peak_lag,
+seed_model_matches (bool), funnel_p50_ms / funnel_p99_ms (group_by=wave, at `participants`),
+funnel_channel_p50_ms / funnel_channel_p99_ms (group_by=wave,channel),
 funnel_participants, funnel_rows (aggregate rows of that promotion),
 big_funnel_p50_ms / big_funnel_p99_ms (group_by=wave, at funnel_participants),
 big_funnel_channel_p50_ms / big_funnel_channel_p99_ms, peak_rss_mb.
@@ -40,6 +45,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import cProfile
 import json
 import math
 import os
@@ -231,6 +237,34 @@ def sample(registry: Any, name: str) -> float:
     )
 
 
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def backend_cpu_s(pids: set[int]) -> dict[int, float]:
+    """CPU seconds (user + system) of each of these processes so far, from /proc."""
+    out: dict[int, float] = {}
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone (or PostgreSQL on another host: no figure)
+        out[pid] = (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
+    return out
+
+
+async def backend_pids(url: str) -> set[int]:
+    """The PostgreSQL server processes serving the benchmark's database now."""
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+            found = await conn.execute(
+                text("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")
+            )
+            return {int(r[0]) for r in found.all()}
+    finally:
+        await engine.dispose()
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
@@ -291,11 +325,18 @@ async def main_async(args: argparse.Namespace, url: str, bootstrap: str) -> dict
         deadline = time.perf_counter() + args.timeout
         done_at: float | None = None
         next_funnel = 0.0
+        profile = cProfile.Profile() if args.profile else None
+        cpu_at_first = 0.0
+        db_cpu_at_first: dict[int, float] = {}
         while time.perf_counter() < deadline:
             now = time.perf_counter()
             consumed = sample(registry, "afterglow_bus_messages_consumed_total")
             if first_consumed is None and consumed:
                 first_consumed = now
+                cpu_at_first = time.process_time()
+                db_cpu_at_first = backend_cpu_s(await backend_pids(url))
+                if profile is not None:
+                    profile.enable()
             peak_lag = max(peak_lag, sample(registry, "afterglow_bus_consumer_lag"))
             # The funnel is asked only once every message is consumed (a counted batch is
             # committed, then counted as consumed), so the benchmark's own queries do not take
@@ -305,9 +346,18 @@ async def main_async(args: argparse.Namespace, url: str, bootstrap: str) -> dict
                 counted = totals(answer.json()["rows"])
                 if counted == expected:
                     done_at = time.perf_counter()
+                    figures["cpu_s"] = time.process_time() - cpu_at_first
+                    # Backends opened meanwhile count whole; closed ones are missed.
+                    db_cpu = backend_cpu_s(await backend_pids(url))
+                    figures["db_cpu_s"] = sum(
+                        v - db_cpu_at_first.get(pid, 0.0) for pid, v in db_cpu.items()
+                    )
                     break
                 next_funnel = time.perf_counter() + args.poll
             await asyncio.sleep(0.05)
+        if profile is not None:
+            profile.disable()
+            profile.dump_stats(args.profile)
         figures["counted"] = counted
         figures["peak_lag"] = peak_lag
         figures["consumed"] = sample(registry, "afterglow_bus_messages_consumed_total")
@@ -362,6 +412,9 @@ def main() -> None:
         help="participants of the promotion whose funnel latency is measured on seeded rows",
     )
     parser.add_argument("--json", type=Path, help="also write the figures here (flat JSON)")
+    parser.add_argument(
+        "--profile", type=Path, help="write a cProfile of the process while it counts here"
+    )
     args = parser.parse_args()
     f = asyncio.run(run(args))
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -387,6 +440,8 @@ def flat(args: argparse.Namespace, f: dict[str, Any], peak_mb: float) -> dict[st
         "aggregate_s": round(f["aggregate_s"], 3) if done else None,
         "catch_up_s": round(f["catch_up_s"], 3) if done else None,
         "startup_s": round(f["startup_s"], 3) if done else None,
+        "cpu_us_per_event": round(f["cpu_s"] / events * 1e6, 1) if done else None,
+        "db_cpu_us_per_event": round(f["db_cpu_s"] / events * 1e6, 1) if done else None,
         "peak_lag": f["peak_lag"],
         "seed_model_matches": f["seed_model_matches"],
         "funnel_participants": args.funnel_participants,
@@ -416,6 +471,11 @@ def report(args: argparse.Namespace, f: dict[str, Any], peak_mb: float) -> None:
         print(
             f"  catch-up  {f['catch_up_s']:>10.1f} s from app start, backlog of {events:,} "
             f"(startup {f['startup_s']:.1f} s)"
+        )
+        print(
+            f"  CPU       {f['cpu_s'] / events * 1e6:>10.1f} us/event in this process, "
+            f"{f['db_cpu_s'] / events * 1e6:.1f} us/event in PostgreSQL's backends "
+            f"(load average {', '.join(f'{x:.2f}' for x in os.getloadavg())})"
         )
     else:
         print(f"  NOT all counted after {args.timeout:.0f} s: {f['counted']} of {f['expected']}")
