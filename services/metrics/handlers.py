@@ -272,8 +272,12 @@ class Batch:
                         continue  # counted when its event comes, as if inserted then
                     self.purchases[row.activity_id] = dict(row._mapping)
                     self.user_purchases.setdefault(row.user_id, set()).add(row.activity_id)
+        # Pending counts exist only for a touch stored without its segment: a touch new to
+        # metrics has none, so most batches need no look-up at all.
         unsettled = sorted(
-            tid for tid in planned if (self.touches[tid] or {"segment": None})["segment"] is None
+            tid
+            for tid in planned
+            if (known := self.touches[tid]) is not None and known["segment"] is None
         )
         p = store.pending
         for chunk in _chunks(unsettled):
