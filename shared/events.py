@@ -404,18 +404,31 @@ class Registry:
             data = schema.model_validate(envelope.data)
         except ValidationError as exc:
             raise EventError("invalid_data", f"{envelope.type}: {_first_error(exc)}") from None
-        # Every attribute is validated above: no second validation pass.
-        return _EVENT.model_construct(
-            id=envelope.id,
-            source=envelope.source,
-            type=envelope.type,
-            time=envelope.time,
-            subject=envelope.subject,
-            data=data,
+        # Every attribute is validated above: no second validation pass, and not even
+        # model_construct, which walks the fields' aliases and defaults (half of decoding).
+        event = _new_event(_EVENT)
+        _set(
+            event,
+            "__dict__",
+            {
+                "id": envelope.id,
+                "source": envelope.source,
+                "type": envelope.type,
+                "time": envelope.time,
+                "subject": envelope.subject,
+                "data": data,
+            },
         )
+        _set(event, "__pydantic_fields_set__", set(_EVENT_FIELDS))
+        _set(event, "__pydantic_extra__", None)
+        _set(event, "__pydantic_private__", None)
+        return event
 
 
 _EVENT = Event[EventData]
+_EVENT_FIELDS = frozenset(_EVENT.model_fields)
+_new_event = BaseModel.__new__
+_set = object.__setattr__
 
 
 class _PlainEnvelope(NamedTuple):
