@@ -106,7 +106,7 @@ class World:
 
 def demo_settings(workdir: Path, provider_url: str) -> Settings:
     values: dict[str, Any] = {
-        "database_url": f"sqlite+aiosqlite:///{workdir / 'afterglow.db'}",
+        "database_url": f"sqlite+aiosqlite:///{workdir / 'afterglow.db'}?inline=1",
         "clock": ClockKind.MANUAL,
         "api_tokens": {DEV_TOKEN: frozenset({"*"})},
         "receipt_secret": RECEIPT_SECRET,

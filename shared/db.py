@@ -23,6 +23,9 @@ SQLAlchemy Core (Table, insert, select) over the `AsyncConnection` that
   In WAL mode a transaction is atomic per database file only, so a service must
   keep everything one transaction writes (its tables and its outbox) in its own
   schema - which the schema-qualified metadata does.
+
+  `?inline=1` on the URL (the embedded demo) runs SQLite on the event loop's thread
+  instead of aiosqlite's thread per connection: see `shared.sqlite_inline`.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import re
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +47,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.pool import NullPool, Pool
 from sqlalchemy.sql.dml import Insert
 from sqlalchemy.types import TypeDecorator
+
+from shared.sqlite_inline import INLINE_PARAM
+from shared.sqlite_inline import connect as inline_connect
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +178,12 @@ def make_engine(
             kwargs["pool_pre_ping"] = True
         kwargs["connect_args"] = {"server_settings": {"application_name": f"afterglow-{schema}"}}
         return create_async_engine(parsed, **kwargs)
+    if INLINE_PARAM in parsed.query:
+        # `?inline=1`: SQLite on the loop's thread (shared.sqlite_inline), for the embedded
+        # demo; never for migrations, whose BEGIN IMMEDIATE may have to wait for another's.
+        if parsed.query[INLINE_PARAM] in ("1", "true") and not sqlite_begin_immediate:
+            kwargs["async_creator"] = partial(inline_connect, str(parsed.database))
+        parsed = parsed.difference_update_query([INLINE_PARAM])
     engine = create_async_engine(parsed, **kwargs)
     _install_sqlite_hooks(engine, parsed, schema, begin_immediate=sqlite_begin_immediate)
     return engine
