@@ -110,6 +110,10 @@ bench-scheduling: $(STAMP) up ## scheduling: plan N x 5 waves on PostgreSQL, dis
 bench-metrics: $(STAMP) up ## metrics: events/s aggregated on one process and funnel p50/p99 (PARTICIPANTS=100000)
 	set -a; . .run/env; set +a; $(PY) -m benchmarks.metrics --participants $${PARTICIPANTS:-100000}
 
+.PHONY: bench-stack
+bench-stack: $(STAMP) up ## the four services as processes, end to end to a 20 ms loopback provider (PARTICIPANTS=10000)
+	set -a; . .run/env; set +a; flock /tmp/afterglow-bench.lock $(PY) -m benchmarks.stack --participants $${PARTICIPANTS:-10000} $(BENCH_ARGS)
+
 .PHONY: bench
 bench: $(STAMP) up ## every benchmark at 10k, 100k and 1M participants: one table, .run/bench/report.json (SIZES=10000 for a quick run)
-	set -a; . .run/env; set +a; $(PY) -m benchmarks.report $(if $(SIZES),--sizes $(SIZES)) $(if $(ONLY),--only $(ONLY))
+	set -a; . .run/env; set +a; $(PY) -m benchmarks.report $(if $(SIZES),--sizes $(SIZES)) $(if $(ONLY),--only $(ONLY)) $(if $(TIMEOUT),--timeout $(TIMEOUT))

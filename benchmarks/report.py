@@ -11,9 +11,12 @@ that it never overlaps another benchmark on the machine; the wait for it is reco
 Do not run the runner itself under that lock: it would wait for itself.
 Each writes its figures with `--json PATH` (one flat JSON object); a benchmark without that
 option is reported as missing, one that fails or runs past `--timeout` as such, with the tail
-of its log, and the others go on. Peak memory is the benchmark process's own maximum resident
-set (from wait4: the largest of the process and the children it waited for, such as a
-provider it started).
+of its log, and the others go on. A run past its timeout gets SIGTERM (so that it stops the
+processes it started and drops its database) and SIGKILL a minute later. Peak memory is the
+benchmark process's own maximum resident set (from wait4: the largest of the process and the
+children it waited for, such as a provider it started); `stack` (benchmarks/stack.py) runs
+the four services as processes of their own and reports each one's peak, which the table
+shows in a section of its own, "memory".
 
 Writes `<out>/<benchmark>-<size>.json` and `.log` per run and `<out>/report.json`:
 {"started_at", "finished_at", "sizes", "machine": {"cpus", "load_1m_at_start"},
@@ -29,6 +32,7 @@ records the load average before it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import json
 import math
@@ -69,12 +73,30 @@ class Benchmark:
         return self.module_name or f"benchmarks.{self.name}"
 
 
+SERVICES = ("segmentation", "scheduling", "delivery", "metrics")
+
 BENCHMARKS: tuple[Benchmark, ...] = (
+    Benchmark(
+        # The four services as processes, end to end through Kafka to a loopback provider.
+        "stack",
+        lambda n: ["--participants", str(n)],
+        headline=(
+            "planned_per_s",
+            "dispatched_per_s",
+            "due_p50_ms",
+            "due_p99_ms",
+            "ingest_requests_per_s",
+            "ingest_p50_ms",
+            "ingest_p99_ms",
+            "users_per_s",
+        ),
+    ),
     Benchmark(
         "segmentation",
         lambda n: ["--users", str(n), "--ingest", str(min(n or 0, 200_000))],
         headline=(
             "ingest_activities_per_s",
+            "ingest_p50_ms",
             "ingest_p99_ms",
             "audience_events_per_s",
             "rescoring_users_per_s",
@@ -126,6 +148,24 @@ def supports_json(bench: Benchmark) -> bool:
     return answer.returncode == 0 and "--json" in answer.stdout
 
 
+def stop_group(pid: int, grace_s: float = 60.0) -> tuple[int, int, Any]:
+    """SIGTERM to the group (a benchmark then stops what it started and drops its database),
+    SIGKILL after `grace_s`; the wait4 result of `pid`."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        reaped = os.wait4(pid, os.WNOHANG)
+        if reaped[0]:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)  # whatever of the group is left
+            return reaped
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+    return os.wait4(pid, 0)
+
+
 def wait_with_rusage(process: subprocess.Popen[bytes], timeout_s: float) -> tuple[int, Any]:
     """Reap the child with wait4 (for its own peak memory); kill its group past the timeout
     or when this runner is interrupted."""
@@ -137,8 +177,7 @@ def wait_with_rusage(process: subprocess.Popen[bytes], timeout_s: float) -> tupl
                 process.returncode = os.waitstatus_to_exitcode(status)
                 return process.returncode, usage
             if time.monotonic() > deadline:
-                os.killpg(process.pid, signal.SIGKILL)
-                _, status, usage = os.wait4(process.pid, 0)
+                _, status, usage = stop_group(process.pid)
                 process.returncode = os.waitstatus_to_exitcode(status)
                 raise TimeoutError(usage)
             time.sleep(0.2)
@@ -280,12 +319,18 @@ def table(
         keys: list[str] = [
             k for k in headlines.get(name, ()) if any(k in r.figures for r in bench_runs)
         ]
+        memory = [f"{svc}_peak_rss_mb" for svc in SERVICES]
         for run in bench_runs:
             for key, value in run.figures.items():
-                if key not in keys and not isinstance(value, (dict, list)):
+                if key not in keys + memory and not isinstance(value, (dict, list)):
                     keys.append(key)
         for key in keys:
             rows.append(["", key, *cells(bench_runs, figure(key))])
+        # Each service process's own peak, as a section of its own (the stack benchmark).
+        if any(key in r.figures for r in bench_runs for key in memory):
+            for i, (svc, key) in enumerate(zip(SERVICES, memory, strict=True)):
+                label = f"{svc} peak RSS MB"
+                rows.append(["memory" if i == 0 else "", label, *cells(bench_runs, figure(key))])
     header = ["benchmark", "figure", *columns]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
 
