@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 from collections.abc import Mapping, Sequence
 
 from services.metrics import alerts, api, dashboard, handlers, store
@@ -11,9 +12,24 @@ from shared.consumer import BatchEventHandler
 from shared.events import EventData
 from shared.service import ServiceContext, ServiceSpec, Worker
 
+# Young-generation collections every this many net allocations instead of CPython's 700.
+# Counting allocates a few dicts and tuples per event that all die with their batch; at 700
+# the cyclic collector ran every few events and took a third of the CPU per event (measured
+# on the benchmark's stream: ~46 -> ~30 us per event decoded and counted). A collection then
+# scans at most this many young objects, a few milliseconds.
+GC_YOUNG_THRESHOLD = 50_000
+
+
+def tune_gc() -> None:
+    """Collect young objects less often in this process (see GC_YOUNG_THRESHOLD)."""
+    young, *older = gc.get_threshold()
+    if 0 < young < GC_YOUNG_THRESHOLD:
+        gc.set_threshold(GC_YOUNG_THRESHOLD, *older)
+
 
 def batch_handlers(ctx: ServiceContext) -> Mapping[type[EventData], BatchEventHandler]:
     ctx.extras["metrics_settings"] = MetricsSettings()
+    tune_gc()
     count = functools.partial(handlers.on_events, ctx)
     return dict.fromkeys(handlers.HANDLED, count)
 
