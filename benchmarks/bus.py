@@ -22,10 +22,25 @@ from collections.abc import Sequence
 from shared.bus import Bus, Message, OutMessage
 
 
-async def run(bus: Bus, messages: int, batch: int, max_batch: int) -> dict[str, float]:
+async def delete_topics(bootstrap: str, prefix: str) -> int:
+    """Delete the topics whose name starts with `prefix`: a broker kept by `make up` would
+    otherwise gather the partitions of every run."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    await admin.start()
+    try:
+        ours = [t for t in await admin.list_topics() if t.startswith(prefix)]
+        if ours:
+            await admin.delete_topics(ours, timeout_ms=30_000)
+        return len(ours)
+    finally:
+        await admin.close()
+
+
+async def run(bus: Bus, topic: str, messages: int, batch: int, max_batch: int) -> dict[str, float]:
     await bus.start()
     try:
-        topic = f"bench-bus-{uuid.uuid4().hex[:8]}"
         await bus.ensure_topics([topic])
         payload = b"x" * 480
         started = time.perf_counter()
@@ -67,6 +82,7 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
     bus: Bus
+    bootstrap: str | None = None
     if args.memory:
         from shared.bus.memory import InProcessBus
 
@@ -78,7 +94,12 @@ def main() -> None:
         if not bootstrap:
             raise SystemExit("AFTERGLOW_KAFKA_BOOTSTRAP_SERVERS is not set (run `make up`)")
         bus, kind = KafkaBus(bootstrap, client_id="bench-bus"), f"Kafka at {bootstrap}"
-    figures = asyncio.run(run(bus, args.messages, args.batch, args.max_batch))
+    topic = f"bench-bus-{uuid.uuid4().hex[:8]}"
+    try:
+        figures = asyncio.run(run(bus, topic, args.messages, args.batch, args.max_batch))
+    finally:
+        if bootstrap:
+            asyncio.run(delete_topics(bootstrap, topic))
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"bus: {kind}, {args.messages:,} messages of 500 bytes, 1,000 keys, one process")
     produced, consumed = figures["produced_per_s"], figures["consumed_per_s"]

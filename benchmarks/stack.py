@@ -79,6 +79,7 @@ from typing import Any
 
 import httpx
 
+from benchmarks.bus import delete_topics
 from services.sandbox import HttpRequest, HttpResponse, LoopbackHttpServer
 from tests.conftest import fresh_database
 from tests.e2e.stack import ProcessStack, json_of, process_stack
@@ -409,20 +410,6 @@ async def scenario(
         f[f"{name}_peak_rss_mb"] = peak
         f[f"{name}_cpu_s"] = total_cpu
     return f
-
-
-async def delete_topics(bootstrap: str, prefix: str) -> int:
-    from aiokafka.admin import AIOKafkaAdminClient
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
-    await admin.start()
-    try:
-        ours = [t for t in await admin.list_topics() if t.startswith(prefix)]
-        if ours:
-            await admin.delete_topics(ours, timeout_ms=30_000)
-        return len(ours)
-    finally:
-        await admin.close()
 
 
 def delivery_config(rate_per_s: float) -> str:
