@@ -11,12 +11,13 @@ that it never overlaps another benchmark on the machine; the wait for it is reco
 Do not run the runner itself under that lock: it would wait for itself.
 Each writes its figures with `--json PATH` (one flat JSON object); a benchmark without that
 option is reported as missing, one that fails or runs past `--timeout` as such, with the tail
-of its log, and the others go on. A run past its timeout gets SIGTERM (so that it stops the
-processes it started and drops its database) and SIGKILL a minute later. Peak memory is the
-benchmark process's own maximum resident set (from wait4: the largest of the process and the
-children it waited for, such as a provider it started); `stack` (benchmarks/stack.py) runs
-the four services as processes of their own and reports each one's peak, which the table
-shows in a section of its own, "memory".
+of its log, and the others go on (the stack may take 0.025 s per participant when that
+is longer than `--timeout`: 7 hours at 1,000,000). A run past its timeout gets SIGTERM (so
+that it stops the processes it started and drops its database) and SIGKILL a minute
+later. Peak memory is the benchmark process's own maximum resident set (from wait4: the
+largest of the process and the children it waited for, such as a provider it started);
+`stack` (benchmarks/stack.py) runs the four services as processes of their own and reports
+each one's peak, which the table shows in a section of its own, "memory".
 
 Writes `<out>/<benchmark>-<size>.json` and `.log` per run and `<out>/report.json`:
 {"started_at", "finished_at", "sizes", "machine": {"cpus", "load_1m_at_start"},
@@ -67,6 +68,12 @@ class Benchmark:
     headline: tuple[str, ...] = ()
     # The module run with `python -m`; default `benchmarks.<name>`.
     module_name: str | None = None
+    # Seconds a run may take at least, per item of its size, when that is more than
+    # `--timeout` (the stack seeds its users one REST request each).
+    seconds_per_item: float = 0.0
+
+    def timeout_s(self, size: int | None, default_s: float) -> float:
+        return max(default_s, (size or 0) * self.seconds_per_item)
 
     @property
     def module(self) -> str:
@@ -79,7 +86,9 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark(
         # The four services as processes, end to end through Kafka to a loopback provider.
         "stack",
-        lambda n: ["--participants", str(n)],
+        # Its own timeout stays under the runner's, so that it ends and cleans up itself.
+        lambda n: ["--participants", str(n), "--timeout", str(max(3600, (n or 0) // 50))],
+        seconds_per_item=0.025,
         headline=(
             "planned_per_s",
             "dispatched_per_s",
@@ -267,7 +276,7 @@ def run_all(
             print(f"== {bench.name}: missing (no --json option)", flush=True)
             continue
         for size in bench_sizes:
-            runs.append(run_one(bench, size, out, timeout_s, lock))
+            runs.append(run_one(bench, size, out, bench.timeout_s(size, timeout_s), lock))
     return runs
 
 

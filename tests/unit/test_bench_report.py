@@ -47,10 +47,29 @@ parser.parse_args()
 time.sleep(60)
 """
 
+TIDY = """
+import argparse, os, pathlib, signal, sys, time
+parser = argparse.ArgumentParser()
+parser.add_argument("--json")
+parser.parse_args()
+def tidy(*_):
+    done = pathlib.Path(os.environ["FAKE_BENCH_LOCK"]).with_name("tidied")
+    done.write_text("services stopped, database dropped")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, tidy)
+time.sleep(60)
+"""
+
 
 @pytest.fixture
 def fakes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    for name, source in {"good": GOOD, "nojson": NO_JSON, "broken": BROKEN, "slow": SLOW}.items():
+    for name, source in {
+        "good": GOOD,
+        "nojson": NO_JSON,
+        "broken": BROKEN,
+        "slow": SLOW,
+        "tidy": TIDY,
+    }.items():
         (tmp_path / f"fake_bench_{name}.py").write_text(source)
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     monkeypatch.setenv("FAKE_BENCH_LOCK", str(tmp_path / "bench.lock"))
@@ -106,6 +125,15 @@ def test_a_run_past_its_timeout_is_killed_and_reported(fakes: Path, tmp_path: Pa
     (slow,) = run_all([fake("slow", sized=False)], [10], tmp_path, 1.0, str(tmp_path / "l"))
     assert slow.status == "timeout"
     assert "killed after 1 s" in (slow.error or "")
+
+
+def test_a_run_past_its_timeout_may_clean_up_before_it_is_killed(
+    fakes: Path, tmp_path: Path
+) -> None:
+    # 3 s: time enough for the fake to start and take SIGTERM on a loaded machine.
+    (tidy,) = run_all([fake("tidy", sized=False)], [10], tmp_path, 3.0, str(tmp_path / "l"))
+    assert tidy.status == "timeout"
+    assert (fakes / "tidied").read_text() == "services stopped, database dropped"
 
 
 def test_the_table_shows_a_size_a_benchmark_did_not_run_as_blank() -> None:
