@@ -1,7 +1,7 @@
 """Segmentation on PostgreSQL: rebuild and full ranking, REST ingest, audience emission to Kafka.
 
     python -m benchmarks.segmentation [--users 1000000] [--ingest 200000] [--concurrency 4]
-                                      [--audience N] [--keep] [--json PATH]
+                                      [--audience N] [--keep] [--json PATH] [--profile PREFIX]
 
 Needs AFTERGLOW_DATABASE_URL (PostgreSQL) and AFTERGLOW_KAFKA_BOOTSTRAP_SERVERS (from
 `make up`; `. .run/env`). Works in a database of its own, dropped afterwards unless --keep.
@@ -14,7 +14,12 @@ Generates N users and 10 x N activities in SQL (INSERT ... SELECT generate_serie
    relay of this process published every `activity.recorded` to Kafka;
 4. emission: one audience event per participant of an ended promotion, until Kafka
    acknowledged every one.
-Prints users/s, activities/s, events/s and peak memory (ru_maxrss). Asserts nothing.
+Prints users/s, activities/s, events/s and peak memory (ru_maxrss), the p50 and p99 latency
+of the `POST /v1/activities` requests, and the CPU time that ingest and emission cost this
+process and the PostgreSQL backends of the benchmark's database (per 1,000 items): on a
+loaded machine the wall-clock rates are pessimistic, CPU per item much less so. Asserts nothing.
+`--profile PREFIX` writes cProfile statistics of this process (the server side) for the
+ingest and the emission to PREFIX-ingest.prof and PREFIX-audience.prof.
 
 `--json PATH` also writes the figures as one flat JSON object:
   users, activities             population generated (users, raw activities)
@@ -25,7 +30,11 @@ Prints users/s, activities/s, events/s and peak memory (ru_maxrss). Asserts noth
   ingest_activities, ingest_concurrency             activities sent through REST, in flight
   ingest_s, ingest_activities_per_s                 until the last response
   ingest_published_s, ingest_published_per_s        until the outbox had published them all
+  ingest_p50_ms, ingest_p99_ms                      latency of one POST /v1/activities
+  ingest_cpu_ms_per_1000, ingest_db_cpu_ms_per_1000 CPU of this process, of the PostgreSQL
+                                                    backends, per 1,000 activities (to published)
   audience_events, audience_s, audience_events_per_s    audience to Kafka, acknowledged
+  audience_cpu_ms_per_1000, audience_db_cpu_ms_per_1000  CPU per 1,000 events, as for ingest
   peak_mb_before_audience, peak_mb                  peak RSS of this process (server side)
 """
 
@@ -33,13 +42,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import json
+import math
 import os
 import random
 import resource
+import statistics
 import sys
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -73,6 +87,71 @@ def line(name: str, count: int, seconds: float, unit: str) -> None:
         f"   peak {peak_mb():,.0f} MB",
         flush=True,
     )
+
+
+class CpuMeter:
+    """CPU seconds of this process and of the PostgreSQL backends serving database `name`.
+
+    The backends are found in pg_stat_activity and read from /proc (a server on this
+    machine); where /proc cannot be read their share is NaN.
+    """
+
+    def __init__(self, admin: Any, name: str) -> None:
+        self.admin = admin
+        self.name = name
+
+    async def _backends(self) -> dict[int, float]:
+        async with self.admin.connect() as conn:
+            pids = (
+                await conn.execute(
+                    text("SELECT pid FROM pg_stat_activity WHERE datname = :name"),
+                    {"name": self.name},
+                )
+            ).scalars()
+            return {pid: _proc_cpu(pid) for pid in pids}
+
+    @asynccontextmanager
+    async def measure(self, spent: dict[str, float]) -> AsyncIterator[None]:
+        """Fills `spent` with `process` and `db` CPU seconds of the block."""
+        before_db = await self._backends()
+        before = time.process_time()
+        yield
+        spent["process"] = time.process_time() - before
+        after_db = await self._backends()
+        spent["db"] = sum(cpu - before_db.get(pid, 0.0) for pid, cpu in after_db.items())
+
+
+def _proc_cpu(pid: int) -> float:
+    """utime + stime of a process, in seconds (NaN when it cannot be read)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return math.nan
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@asynccontextmanager
+async def profiled(prefix: str | None, phase: str) -> AsyncIterator[None]:
+    """cProfile of this process's thread for the block, written to PREFIX-phase.prof."""
+    if prefix is None:
+        yield
+        return
+    profile = cProfile.Profile(time.process_time)  # CPU, not wall: the machine is shared
+    profile.enable()
+    try:
+        yield
+    finally:
+        profile.disable()
+        profile.dump_stats(f"{prefix}-{phase}.prof")
+
+
+def cpu_line(spent: dict[str, float], count: int) -> tuple[float, float]:
+    """Prints and returns CPU milliseconds per 1,000 items (this process, the backends)."""
+    process = spent["process"] * 1e6 / count
+    db = spent["db"] * 1e6 / count
+    print(f"    CPU per 1,000: this process {process:,.1f} ms, PostgreSQL {db:,.1f} ms")
+    return process, db
 
 
 async def generate(conn: Any, users: int, per_user: int) -> None:
@@ -147,10 +226,14 @@ async def client(url: str, users: int, total: int, concurrency: int) -> dict[str
     ) as http:
         queue = list(reversed(bodies))
 
+        latencies: list[float] = []
+
         async def worker() -> None:
             nonlocal recorded
             while queue:
+                sent = time.perf_counter()
                 response = await http.post("/v1/activities", content=queue.pop())
+                latencies.append(time.perf_counter() - sent)
                 response.raise_for_status()
                 recorded += response.json()["recorded"]
 
@@ -158,7 +241,14 @@ async def client(url: str, users: int, total: int, concurrency: int) -> dict[str
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         seconds = time.perf_counter() - started
-    return {"recorded": recorded, "seconds": seconds, "started_at": started_at}
+    cuts = statistics.quantiles(latencies, n=100, method="inclusive") if latencies else []
+    return {
+        "recorded": recorded,
+        "seconds": seconds,
+        "started_at": started_at,
+        "p50_ms": cuts[49] * 1000 if cuts else math.nan,
+        "p99_ms": cuts[98] * 1000 if cuts else math.nan,
+    }
 
 
 async def ingest(app: Any, users: int, total: int, concurrency: int) -> dict[str, float]:
@@ -210,6 +300,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     url = make_url(server).set(database=name).render_as_string(hide_password=False)
     print(f"segmentation benchmark: {users:,} users, {10 * users:,} activities, database {name}")
     figures: dict[str, Any] = {"load_1m": round(os.getloadavg()[0], 2)}
+    meter = CpuMeter(admin, name)
     try:
         settings = Settings(
             database_url=url,
@@ -254,17 +345,23 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 seconds = time.perf_counter() - started
                 line(label, ranking.users, seconds, "users")
                 figures[key] = seconds
-            figures["rescoring_users_per_s"] = ranking.users / figures["rescoring_s"]
+                figures["rescoring_users_per_s"] = ranking.users / seconds
 
             before = ctx.outbox.published_total
-            sent = await ingest(app, users, args.ingest, args.concurrency)
-            recorded = int(sent["recorded"])
-            line(f"REST ingest (x{args.concurrency})", recorded, sent["seconds"], "activities")
-            while ctx.outbox.published_total - before < recorded:  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
-            # From the client's first request (wall clock: the client is another process).
-            published = time.time() - sent["started_at"]
+            spent: dict[str, float] = {}
+            async with meter.measure(spent), profiled(args.profile, "ingest"):
+                sent = await ingest(app, users, args.ingest, args.concurrency)
+                recorded = int(sent["recorded"])
+                line(f"REST ingest (x{args.concurrency})", recorded, sent["seconds"], "activities")
+                while ctx.outbox.published_total - before < recorded:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+                # From the client's first request (wall clock: the client is another process).
+                published = time.time() - sent["started_at"]
             line("  ... published to Kafka", recorded, published, "activities")
+            print(
+                f"    POST /v1/activities p50 {sent['p50_ms']:.1f} ms, p99 {sent['p99_ms']:.1f} ms"
+            )
+            cpu, db_cpu = cpu_line(spent, recorded)
             figures.update(
                 ingest_activities=recorded,
                 ingest_concurrency=args.concurrency,
@@ -272,6 +369,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 ingest_activities_per_s=recorded / sent["seconds"],
                 ingest_published_s=published,
                 ingest_published_per_s=recorded / published,
+                ingest_p50_ms=sent["p50_ms"],
+                ingest_p99_ms=sent["p99_ms"],
+                ingest_cpu_ms_per_1000=cpu,
+                ingest_db_cpu_ms_per_1000=db_cpu,
             )
 
             audience = args.audience or users
@@ -289,15 +390,20 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             event = default_registry().decode(encode(ended, source="bench", time=NOW))
             rss_before = peak_mb()
             # Returns once Kafka acknowledged the last chunk (published straight to the bus).
-            started = time.perf_counter()
-            await handlers.on_promotion_ended(ctx, event)
-            elapsed = time.perf_counter() - started
+            spent = {}
+            async with meter.measure(spent), profiled(args.profile, "audience"):
+                started = time.perf_counter()
+                await handlers.on_promotion_ended(ctx, event)
+                elapsed = time.perf_counter() - started
             line("audience to Kafka (acked)", audience, elapsed, "events")
+            cpu, db_cpu = cpu_line(spent, audience)
             print(f"  peak memory before emission {rss_before:,.0f} MB, after {peak_mb():,.0f} MB")
             figures.update(
                 audience_events=audience,
                 audience_s=elapsed,
                 audience_events_per_s=audience / elapsed,
+                audience_cpu_ms_per_1000=cpu,
+                audience_db_cpu_ms_per_1000=db_cpu,
                 peak_mb_before_audience=rss_before,
                 peak_mb=peak_mb(),
             )
@@ -321,6 +427,9 @@ def main() -> None:
     parser.add_argument("--kafka", default=None)
     parser.add_argument("--keep", action="store_true", help="keep the database afterwards")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    parser.add_argument(
+        "--profile", default=None, help="write cProfile stats to PREFIX-ingest/-audience.prof"
+    )
     parser.add_argument("--client", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client:
