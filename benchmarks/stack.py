@@ -50,7 +50,12 @@ Prints a table; asserts nothing. `--json PATH` writes one flat JSON object:
                                       due time -> provider call
     launch_sent, launch_suppressed, launch_failed, launch_pending
                                       the launch wave in the plan at the end
-    dispatch_cpu_us_per_touch         CPU of the four services during dispatch, per call
+    users_cpu_ms_per_user             CPU of the four services per user (PUT and user.updated)
+    ingest_cpu_us_per_activity        the same per activity (ingest, relay, metrics)
+    plan_cpu_us_per_touch             the same per touch planned (audience, planning, relay)
+    dispatch_cpu_us_per_touch         the same per provider call, during dispatch
+                                      (CPU per item is much less distorted by other load
+                                      on the machine than the wall-clock rates)
     <service>_peak_rss_mb             peak resident memory of each service process
     <service>_cpu_s                   CPU time of each service process over the whole run
     driver_peak_rss_mb                this process (the client and the provider)
@@ -283,6 +288,11 @@ def service_usage(s: ProcessStack) -> dict[str, tuple[float | None, float | None
     return out
 
 
+def services_cpu(s: ProcessStack) -> float:
+    """CPU seconds the four service processes have used so far."""
+    return sum(cpu or 0.0 for _, cpu in service_usage(s).values())
+
+
 async def launch_wave(s: ProcessStack) -> dict[str, Any]:
     plan = await json_of(await s.clients["scheduling"].get(f"/v1/promotions/{PROMOTION}/plan"))
     for wave in plan["waves"]:
@@ -300,6 +310,7 @@ async def scenario(
     f: dict[str, Any] = {"participants": n}
 
     say(f"users: {n:,} PUT /v1/users, {args.concurrency} in flight")
+    cpu = services_cpu(s)
     seconds, lat = await drive(
         seg,
         (("PUT", f"/v1/users/{user_id(i)}", user_body(i)) for i in range(n)),
@@ -313,9 +324,12 @@ async def scenario(
         users_p99_ms=percentile(lat, 0.99),
     )
     await settle(s, deadline)
+    # Until every service has handled the user.updated events too: they are the cost of a user.
+    f["users_cpu_ms_per_user"] = (services_cpu(s) - cpu) / n * 1e3
 
     batches = list(activity_batches(n, start, args.ingest_batch))
     say(f"ingest: {n:,} purchases in {len(batches):,} POST /v1/activities")
+    cpu = services_cpu(s)
     seconds, lat = await drive(
         seg, (("POST", "/v1/activities", b) for b in batches), args.ingest_concurrency
     )
@@ -329,6 +343,7 @@ async def scenario(
         ingest_p99_ms=percentile(lat, 0.99),
     )
     await settle(s, deadline)
+    f["ingest_cpu_us_per_activity"] = (services_cpu(s) - cpu) / n * 1e6
 
     say("participants")
     ids = [user_id(i) for i in range(n)]
@@ -349,6 +364,7 @@ async def scenario(
 
     say("planning: the promotion ends an hour ahead of the clock")
     due = start + timedelta(hours=1)
+    cpu = services_cpu(s)
     planning_started = time.perf_counter()
     answer = await s.clients["scheduling"].post(
         f"/v1/promotions/{PROMOTION}/end",
@@ -370,9 +386,11 @@ async def scenario(
         launch_due=launch["planned"],
     )
     await settle(s, deadline)
+    # With the relay of touch.planned and what the other services do with it.
+    f["plan_cpu_us_per_touch"] = (services_cpu(s) - cpu) / planned * 1e6 if planned else math.nan
 
     say(f"dispatch: {launch['planned']:,} launch touches due at once")
-    before = {name: cpu for name, (_, cpu) in service_usage(s).items()}
+    cpu = services_cpu(s)
     body = {"now": due.isoformat()}
     for name in ("segmentation", "delivery", "metrics"):
         await json_of(await s.clients[name].put("/v1/admin/clock", json=body))
@@ -386,11 +404,10 @@ async def scenario(
         if time.monotonic() > deadline:
             raise TimeoutError(f"dispatch did not finish before the timeout: {launch}")
         await asyncio.sleep(0.25)
-    after = {name: cpu for name, (_, cpu) in service_usage(s).items()}
+    cpu = services_cpu(s) - cpu
     calls = len(provider.arrivals)
     lat = [(at - due_mono) * 1000 for at in provider.arrivals]
     dispatch_s = (max(provider.arrivals) - due_mono) if calls else math.nan
-    cpu = sum((after[k] or 0.0) - (before[k] or 0.0) for k in after)
     f.update(
         provider_calls=calls,
         provider_repeats=provider.repeats,

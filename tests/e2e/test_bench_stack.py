@@ -44,7 +44,14 @@ async def test_a_small_run_reports_every_figure_and_sends_each_launch_touch_once
         figures["launch_sent"] + figures["launch_suppressed"] + figures["launch_failed"]
         == figures["launch_due"]
     )
-    for key in ("planned_per_s", "dispatched_per_s", "ingest_requests_per_s", "users_per_s"):
+    for key in (
+        "planned_per_s",
+        "dispatched_per_s",
+        "ingest_requests_per_s",
+        "users_per_s",
+        "plan_cpu_us_per_touch",
+        "dispatch_cpu_us_per_touch",
+    ):
         assert figures[key] > 0, key
     assert 0 < figures["due_first_ms"] <= figures["due_p50_ms"] <= figures["due_p99_ms"]
     for name in SERVICES:
