@@ -138,7 +138,8 @@ def build(participants: int, promotion: str, topic: Any) -> tuple[list[OutMessag
 
 
 def seed_rows(participants: int, promotion: str) -> list[dict[str, Any]]:
-    """The `minute_counts` rows counting `build(participants)` yields, without counting it."""
+    """The counts `build(participants)` yields, without counting it: one row per minute,
+    dimensions and measure (`by_column` turns them into `minute_counts` rows)."""
     sums: dict[tuple[datetime, str, str, str, str], float] = {}
 
     def add(at: datetime, wave: str, channel: str, segment: str, measure: str, v: float) -> None:
@@ -187,6 +188,27 @@ def by_key(rows: Any) -> dict[tuple[Any, ...], float]:
     return {k: v for k, v in out.items() if v}
 
 
+def by_measure(row: Any) -> list[dict[str, Any]]:
+    """A `minute_counts` row (a column per measure) as one row per measure it counts."""
+    key = {k: row[k] for k in store.COUNT_KEY}
+    return [
+        {**key, "measure": m, "value": v}
+        for m in store.MEASURES
+        if (v := row[store.measure_column(m)])
+    ]
+
+
+def by_column(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of one measure each as `minute_counts` rows (a column per measure)."""
+    out: dict[tuple[Any, ...], dict[str, Any]] = {}
+    zeros = {store.measure_column(m): 0.0 for m in store.MEASURES}
+    for r in rows:
+        key = tuple(r[k] for k in store.COUNT_KEY)
+        row = out.setdefault(key, {**dict(zip(store.COUNT_KEY, key, strict=True)), **zeros})
+        row[store.measure_column(r["measure"])] += r["value"]
+    return list(out.values())
+
+
 async def counted_rows(url: str, promotion: str) -> dict[tuple[Any, ...], float]:
     engine = create_async_engine(url)
     try:
@@ -194,20 +216,23 @@ async def counted_rows(url: str, promotion: str) -> dict[tuple[Any, ...], float]
             found = await conn.execute(
                 select(store.minute_counts).where(store.minute_counts.c.promotion_id == promotion)
             )
-            return by_key(r._mapping for r in found.all())
+            return by_key(m for r in found.all() for m in by_measure(r._mapping))
     finally:
         await engine.dispose()
 
 
-async def seed(url: str, rows: list[dict[str, Any]]) -> None:
+async def seed(url: str, rows: list[dict[str, Any]]) -> int:
+    """Write `rows` (one measure each) as `minute_counts` rows; returns how many."""
+    rows = by_column(rows)
     engine = create_async_engine(url)
     try:
         async with engine.begin() as conn:
-            for first in range(0, len(rows), 5000):
-                await conn.execute(store.minute_counts.insert(), rows[first : first + 5000])
+            for first in range(0, len(rows), 2000):
+                await conn.execute(store.minute_counts.insert(), rows[first : first + 2000])
             await conn.execute(text("ANALYZE metrics.minute_counts"))
     finally:
         await engine.dispose()
+    return len(rows)
 
 
 async def time_funnel(
@@ -370,9 +395,7 @@ async def main_async(args: argparse.Namespace, url: str, bootstrap: str) -> dict
         model = by_key(seed_rows(args.participants, promotion))
         figures["seed_model_matches"] = model == await counted_rows(url, promotion)
         big = "p-bench-big"
-        rows = seed_rows(args.funnel_participants, big)
-        await seed(url, rows)
-        figures["funnel_rows"] = len(rows)
+        figures["funnel_rows"] = await seed(url, seed_rows(args.funnel_participants, big))
         figures["big_latencies"] = await time_funnel(client, big, args.calls)
     return figures
 

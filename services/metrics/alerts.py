@@ -216,18 +216,25 @@ async def read_days(
     else:
         day = func.date(m.c.minute)
     query = (
-        select(m.c.promotion_id, m.c.wave, m.c.channel, day, m.c.measure, func.sum(m.c.value))
+        select(
+            m.c.promotion_id,
+            m.c.wave,
+            m.c.channel,
+            day,
+            *(func.sum(m.c[store.measure_column(x)]) for x in MEASURES),
+        )
         .where(
             m.c.minute >= midnight(first),
             m.c.minute < midnight(last + timedelta(days=1)),
-            m.c.measure.in_(MEASURES),
         )
-        .group_by(m.c.promotion_id, m.c.wave, m.c.channel, day, m.c.measure)
+        .group_by(m.c.promotion_id, m.c.wave, m.c.channel, day)
     )
     out: dict[SeriesKey, dict[date, Day]] = {}
-    for promotion, wave, channel, raw_day, measure, total in (await conn.execute(query)).all():
+    for promotion, wave, channel, raw_day, *totals in (await conn.execute(query)).all():
         bucket = out.setdefault((promotion, wave, channel), {}).setdefault(_as_date(raw_day), {})
-        bucket[measure] = bucket.get(measure, 0.0) + float(total or 0.0)
+        for measure, total in zip(MEASURES, totals, strict=True):
+            if total:
+                bucket[measure] = bucket.get(measure, 0.0) + float(total)
     return out
 
 

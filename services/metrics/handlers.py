@@ -86,10 +86,14 @@ _SEEN = (
     .on_conflict_do_nothing()
     .returning(store.seen_events.c.event_id)
 )
-_ADD = postgresql.insert(store.minute_counts)
+_COUNTS = store.minute_counts
+_MEASURE_COLUMNS = [store.measure_column(m) for m in store.MEASURES]
+# Measure name -> its column (dots are not valid in unquoted column names).
+_COLUMN = dict(zip(store.MEASURES, _MEASURE_COLUMNS, strict=True))
+_ADD = postgresql.insert(_COUNTS)
 _ADD = _ADD.on_conflict_do_update(
-    index_elements=[c.name for c in store.minute_counts.primary_key],
-    set_={"value": store.minute_counts.c.value + _ADD.excluded.value},
+    index_elements=list(store.COUNT_KEY),
+    set_={c: _COUNTS.c[c] + _ADD.excluded[c] for c in _MEASURE_COLUMNS},
 )
 _SAVE_TOUCH = upsert(store.touches, ["touch_id"])
 
@@ -123,12 +127,22 @@ def _update_all(table: Table, key: Sequence[str]) -> str:
     return f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET {sets}"
 
 
-_KEY = [c.name for c in store.minute_counts.primary_key]
-_ADD_ARRAYS = arrays_insert(
-    store.minute_counts,
-    f"ON CONFLICT ({', '.join(_KEY)}) DO UPDATE"
-    f" SET value = {store.minute_counts.fullname}.value + EXCLUDED.value",
-)
+def _add_counts_sql() -> tuple[TextClause, list[str]]:
+    """The bulk form of _ADD on PostgreSQL (see arrays_insert): a row's JSON object holds only
+    the measures it changes, a missing one reads as NULL, taken as 0."""
+    names = [c.name for c in _COUNTS.columns]
+    columns = ", ".join(f"{c.name} {_pg_type(c)}" for c in _COUNTS.columns)
+    values = [*store.COUNT_KEY, *(f"COALESCE({c}, 0)" for c in _MEASURE_COLUMNS)]
+    adds = ", ".join(f"{c} = {_COUNTS.fullname}.{c} + EXCLUDED.{c}" for c in _MEASURE_COLUMNS)
+    sql = (
+        f"INSERT INTO {_COUNTS.fullname} ({', '.join(names)}) SELECT {', '.join(values)}"
+        f" FROM json_to_recordset(CAST(:rows AS json)) AS r({columns})"
+        f" ON CONFLICT ({', '.join(store.COUNT_KEY)}) DO UPDATE SET {adds}"
+    )
+    return text(sql), names
+
+
+_ADD_ARRAYS = _add_counts_sql()
 _SEEN_ARRAYS = arrays_insert(store.seen_events, "ON CONFLICT DO NOTHING RETURNING event_id")
 _SAVE_TOUCH_ARRAYS = arrays_insert(store.touches, _update_all(store.touches, ["touch_id"]))
 _PENDING_ARRAYS = arrays_insert(store.pending, "")
@@ -409,23 +423,26 @@ class Batch:
         fresh = [row for rows in self.pending.values() for row, written in rows if not written]
         if fresh:
             await bulk(conn, fresh, p.insert(), _PENDING_ARRAYS)
-        rows = [
-            {
-                "promotion_id": k[0],
-                "minute": k[1],
-                "wave": k[2],
-                "channel": k[3],
-                "segment": k[4],
-                "variant": k[5],
-                "measure": k[6],
-                "value": v,
-            }
-            for k, v in sorted(self.deltas.items(), key=lambda kv: kv[0])
-            if v != 0
-        ]
-        if rows:
-            await bulk(conn, rows, _ADD, _ADD_ARRAYS)
+        # One row per minute and dimensions, with a column per measure changed (in key order,
+        # so that concurrent writers lock rows in the same order).
+        changes: dict[tuple[Any, ...], dict[str, float]] = {}
+        for k, v in self.deltas.items():
+            if v != 0:
+                changes.setdefault(k[:6], {})[_COLUMN[k[6]]] = v
         self.deltas.clear()
+        if not changes:
+            return
+        if conn.dialect.name == "postgresql":
+            rows = [
+                dict(zip(store.COUNT_KEY, k, strict=True), **changes[k]) for k in sorted(changes)
+            ]
+        else:  # executemany: every row names every column
+            zeros = dict.fromkeys(_MEASURE_COLUMNS, 0.0)
+            rows = [
+                {**dict(zip(store.COUNT_KEY, k, strict=True)), **zeros, **changes[k]}
+                for k in sorted(changes)
+            ]
+        await bulk(conn, rows, _ADD, _ADD_ARRAYS)
 
     # -- events ---------------------------------------------------------------
 

@@ -24,9 +24,9 @@ async def funnel(
     m = store.minute_counts
     cols = [m.c[g] for g in group_by]
     query = (
-        select(*cols, m.c.measure, func.sum(m.c.value))
+        select(*cols, *(func.sum(m.c[store.measure_column(x)]) for x in store.MEASURES))
         .where(m.c.promotion_id == promotion_id)
-        .group_by(*cols, m.c.measure)
+        .group_by(*cols)
     )
     for name, value in (filters or {}).items():
         query = query.where(m.c[name] == value)
@@ -38,11 +38,12 @@ async def funnel(
     overall: dict[str, float] = {}
     for row in (await conn.execute(query)).all():
         key = tuple(row[: len(group_by)])
-        measure: str = row[len(group_by)]
-        amount = float(row[len(group_by) + 1] or 0.0)
         bucket = groups.setdefault(key, {})
-        bucket[measure] = bucket.get(measure, 0.0) + amount
-        overall[measure] = overall.get(measure, 0.0) + amount
+        for measure, total in zip(store.MEASURES, row[len(group_by) :], strict=True):
+            amount = float(total or 0.0)
+            if amount:
+                bucket[measure] = bucket.get(measure, 0.0) + amount
+                overall[measure] = overall.get(measure, 0.0) + amount
     promotion_aov = domain.rate(overall.get("revenue", 0.0), overall.get("orders", 0.0))
     out = []
     for key, measures in sorted(groups.items()):

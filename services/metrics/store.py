@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import get_args, get_type_hints
+
 from sqlalchemy import BigInteger, Column, Float, Index, MetaData, String, Table
 
 from shared.db import UtcDateTime
+from shared.events import EngagementRecorded, Reason
 from shared.outbox import outbox_table
 
 SCHEMA = "metrics"
@@ -18,12 +21,41 @@ seen_events = Table(
     Column("seen_at", UtcDateTime(), nullable=False),
 )
 
-# Per-minute aggregates: one row per promotion, minute, dimensions and measure.
+# Every measure counted, by name. A touch's suppression counts as `suppressed.<reason>`.
+SUPPRESSION_REASONS: tuple[str, ...] = get_args(Reason)
+MEASURES: tuple[str, ...] = (
+    "planned",
+    "ltv",
+    "ltv_touches",
+    "sends",
+    "sent",
+    "cost",
+    "failed",
+    *get_args(get_type_hints(EngagementRecorded)["kind"]),
+    "orders",
+    "revenue",
+    "converted",
+    "holdout_orders",
+    "holdout_revenue",
+    "holdout_converted",
+    *(f"suppressed.{reason}" for reason in SUPPRESSION_REASONS),
+)
+
+
+def measure_column(measure: str) -> str:
+    """The `minute_counts` column of a measure ("suppressed.holdout" -> "suppressed_holdout")."""
+    return measure.replace(".", "_")
+
+
+# Per-minute aggregates: one row per promotion, minute and dimensions, one column per measure
+# (the measures counted for the same touch at the same minute, such as sends, sent and cost,
+# share one row: a third of the rows to write of a measure per row).
 # "sent" counts a touch once (its first accepted send recorded, under that send's channel);
 # "sends" counts every accepted channel send (a parallel touch sends on two channels).
 # Touch measures are bucketed at the minute of their event; conversions, orders and
 # revenue at the minute of the attributed exposure (cohort of the touch).
 # Unknown dimensions are stored as "" (channel of a planned touch, a touch not yet planned).
+COUNT_KEY = ("promotion_id", "minute", "wave", "channel", "segment", "variant")
 minute_counts = Table(
     "minute_counts",
     metadata,
@@ -33,8 +65,7 @@ minute_counts = Table(
     Column("channel", String(16), primary_key=True),
     Column("segment", String(64), primary_key=True),
     Column("variant", String(64), primary_key=True),
-    Column("measure", String(48), primary_key=True),
-    Column("value", Float, nullable=False),
+    *(Column(measure_column(m), Float, nullable=False, server_default="0") for m in MEASURES),
 )
 
 # What metrics knows of each touch: its dimensions and its attribution exposure.
