@@ -29,7 +29,7 @@ light changes.
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import hashlib
 import logging
 from collections.abc import Iterable, Mapping
@@ -41,7 +41,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from sqlalchemy import func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from services.metrics import store
+from services.metrics import periodic, store
 from services.metrics.config import MetricsSettings
 from shared.db import insert_ignore, upsert
 from shared.events import AlertRaised
@@ -516,16 +516,12 @@ async def run(ctx: ServiceContext, settings: MetricsSettings) -> None:
     """Evaluate now, then every `alert_interval_s` of the service clock (at once when a
     manual clock moves)."""
     business_metrics(ctx)
-    interval = settings.alert_interval_s
-    while True:
-        try:
-            await evaluate_once(ctx, settings)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.warning("alert evaluation failed; retrying", exc_info=True)
-        now = ctx.clock.now()
-        await ctx.clock.sleep_until(now + timedelta(seconds=interval), max_wait_s=interval)
+    await periodic.every(
+        ctx,
+        settings.alert_interval_s,
+        functools.partial(evaluate_once, ctx, settings),
+        "alert evaluation",
+    )
 
 
 def page_key(row: Mapping[str, Any]) -> str:

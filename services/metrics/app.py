@@ -6,7 +6,7 @@ import functools
 import gc
 from collections.abc import Mapping, Sequence
 
-from services.metrics import alerts, api, dashboard, handlers, store
+from services.metrics import alerts, api, dashboard, handlers, retention, store
 from services.metrics.config import MetricsSettings
 from shared.consumer import BatchEventHandler
 from shared.events import EventData
@@ -36,7 +36,10 @@ def batch_handlers(ctx: ServiceContext) -> Mapping[type[EventData], BatchEventHa
 
 def workers(ctx: ServiceContext) -> Sequence[Worker]:
     settings = ctx.extras.setdefault("metrics_settings", MetricsSettings())
-    return (functools.partial(alerts.run, ctx, settings),)
+    return (
+        functools.partial(alerts.run, ctx, settings),
+        functools.partial(retention.run, ctx, settings),
+    )
 
 
 SPEC = ServiceSpec(

@@ -13,12 +13,15 @@ from shared.outbox import outbox_table
 SCHEMA = "metrics"
 metadata = MetaData(schema=SCHEMA)
 
-# Every counted event id, so that a redelivered or replayed event counts once.
+# Every counted event id, so that a redelivered or replayed event counts once; deleted once
+# older than the retention (services/metrics/retention.py). seen_at grows with insertion order,
+# so a BRIN index (a few pages) finds the old ones at almost no cost per insert.
 seen_events = Table(
     "seen_events",
     metadata,
     Column("event_id", String(64), primary_key=True),
     Column("seen_at", UtcDateTime(), nullable=False),
+    Index("ix_seen_events_seen_at", "seen_at", postgresql_using="brin"),
 )
 
 # Every measure counted, by name. A touch's suppression counts as `suppressed.<reason>`.
