@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, RootModel, ValidationError
 
 from services.delivery import domain, handlers
 from services.delivery.runtime import DeliveryRuntime
@@ -86,6 +86,19 @@ class ReceiptAck(BaseModel):
     recorded: bool
 
 
+# A batch: a JSON array of receipts, as webhook providers send them (one signature for all).
+MAX_RECEIPTS = 1000
+
+
+class ReceiptBatch(RootModel[list[ReceiptIn]]):
+    root: list[ReceiptIn] = Field(min_length=1, max_length=MAX_RECEIPTS)
+
+
+class ReceiptsAck(BaseModel):
+    receipts: list[ReceiptAck]  # the receipts of known touches, in order
+    unknown: list[str]  # ids of the receipts that name no delivery
+
+
 @router.get("/deliveries", dependencies=[Depends(require_scope("delivery:read"))])
 async def list_deliveries(
     ctx: Ctx, user_id: str = Query(min_length=1, max_length=128)
@@ -109,7 +122,21 @@ async def list_channels(
 _RECEIPT_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
-        "content": {"application/json": {"schema": ReceiptIn.model_json_schema()}},
+        "content": {
+            "application/json": {
+                "schema": {
+                    "anyOf": [
+                        ReceiptIn.model_json_schema(),
+                        {
+                            "type": "array",
+                            "items": ReceiptIn.model_json_schema(),
+                            "minItems": 1,
+                            "maxItems": MAX_RECEIPTS,
+                        },
+                    ]
+                }
+            }
+        },
     }
 }
 
@@ -121,7 +148,10 @@ _RECEIPT_BODY: dict[str, Any] = {
     responses={200: {"description": "already recorded"}},
 )
 async def post_receipt(request: Request, ctx: Ctx) -> JSONResponse:
-    """A provider receipt, signed with HMAC-SHA256 of the raw body; recorded once."""
+    """A provider receipt, signed with HMAC-SHA256 of the raw body; recorded once.
+
+    A JSON array of receipts (at most 1000) is a batch: each is recorded as if posted
+    alone; the answer lists the acks of known touches and the ids of unknown ones."""
     secret = ctx.settings.receipt_secret
     if secret is None:
         raise Problem(503, "receipts are refused: AFTERGLOW_RECEIPT_SECRET is not set")
@@ -130,6 +160,8 @@ async def post_receipt(request: Request, ctx: Ctx) -> JSONResponse:
         secret.get_secret_value().encode(), raw, request.headers.get(SIGNATURE_HEADER)
     ):
         raise Problem(401, f"{SIGNATURE_HEADER} is missing or is not sha256=<HMAC of the raw body>")
+    if raw.lstrip()[:1] == b"[":
+        return await _post_receipts(ctx, raw)
     try:
         receipt = ReceiptIn.model_validate_json(raw)
     except ValidationError as exc:
@@ -144,11 +176,34 @@ async def post_receipt(request: Request, ctx: Ctx) -> JSONResponse:
     return JSONResponse(ack.model_dump(), status_code=202 if recorded else 200)
 
 
+async def _post_receipts(ctx: ServiceContext, raw: bytes) -> JSONResponse:
+    try:
+        receipts = ReceiptBatch.model_validate_json(raw).root
+    except ValidationError as exc:
+        raise _invalid(exc) from None
+    acks: list[ReceiptAck] = []
+    unknown: list[str] = []
+    for receipt in receipts:
+        try:
+            recorded = await handlers.record_receipt(
+                ctx, receipt.id, receipt.event, receipt.at, receipt.channel
+            )
+        except handlers.UnknownTouch:
+            unknown.append(receipt.id)
+            continue
+        acks.append(ReceiptAck(touch_id=receipt.id, event=receipt.event, recorded=recorded))
+    return JSONResponse(
+        ReceiptsAck(receipts=acks, unknown=unknown).model_dump(),
+        status_code=202 if any(ack.recorded for ack in acks) else 200,
+    )
+
+
 def _invalid(exc: ValidationError) -> Problem:
     errors = []
     for error in exc.errors():
         path = "" if error["type"] == "json_invalid" else field_path(error["loc"])
         errors.append({"field": path or None, "location": "body", "message": error["msg"]})
     first = errors[0]
-    where = f"body.{first['field']}" if first["field"] else "body"
+    field = first["field"] or ""
+    where = f"body{'' if field.startswith('[') or not field else '.'}{field}"
     return Problem(422, f"{where}: {first['message']}", field=first["field"], errors=errors)
