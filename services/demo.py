@@ -59,6 +59,8 @@ REACTIONS = {"delivered": 0.93, "opened": 0.32, "clicked": 0.35, "buy": 0.3}
 UNSUBSCRIBE, COMPLAIN = 0.012, 0.004
 # Chance per user and half-day of a purchase without any message (the baseline).
 ORGANIC = 0.004
+RECEIPTS_PER_POST = 500
+SETTLE_PAUSE_S = 0.005
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,6 @@ def demo_settings(workdir: Path, provider_url: str) -> Settings:
         "api_tokens": {DEV_TOKEN: frozenset({"*"})},
         "receipt_secret": RECEIPT_SECRET,
         "log_level": "ERROR",
-        "outbox_poll_s": 0.05,
     }
     values.update({f"provider_{channel}_url": provider_url for channel in CHANNELS})
     return Settings.model_validate(values)
@@ -220,14 +221,18 @@ async def idle(stack: Embedded, bus: InProcessBus) -> bool:
 
 
 async def settle(stack: Embedded, bus: InProcessBus, timeout_s: float = 60.0) -> None:
-    """Until everything this moment set off has been handled (idle twice in a row)."""
-    deadline = time.monotonic() + timeout_s
-    quiet = 0
-    while quiet < 2:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the services did not settle at {stack.clock.now()}")
-        await asyncio.sleep(0.02)
-        quiet = quiet + 1 if await idle(stack, bus) else 0
+    """Until everything this moment set off has been handled (idle twice in a row): wait
+    for the bus to drain (woken by the last commit), give what the last handlers set off
+    (outbox relays, dispatcher) a moment to start, then look."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            quiet = 0
+            while quiet < 2:
+                await bus.drained()
+                await asyncio.sleep(SETTLE_PAUSE_S)
+                quiet = quiet + 1 if await idle(stack, bus) else 0
+    except TimeoutError:
+        raise RuntimeError(f"the services did not settle at {stack.clock.now()}") from None
 
 
 async def enrol(stack: Embedded, users: int, world: World) -> dict[str, int]:
@@ -262,41 +267,48 @@ def sign(body: bytes) -> str:
     return "sha256=" + hmac.new(RECEIPT_SECRET.encode(), body, hashlib.sha256).hexdigest()
 
 
-async def receipt(stack: Embedded, touch_id: str, event: str, at: datetime) -> None:
-    body = orjson.dumps({"id": touch_id, "event": event, "at": at.isoformat()})
-    headers = {"content-type": "application/json", "X-Afterglow-Signature": sign(body)}
-    await ok(stack.clients["delivery"].post("/v1/receipts", content=body, headers=headers))
+async def post_receipts(stack: Embedded, receipts: list[dict[str, str]]) -> None:
+    """Signed batches of receipts (a JSON array each), as a webhook provider sends them."""
+    for first in range(0, len(receipts), RECEIPTS_PER_POST):
+        body = orjson.dumps(receipts[first : first + RECEIPTS_PER_POST])
+        headers = {"content-type": "application/json", "X-Afterglow-Signature": sign(body)}
+        answer = await ok(
+            stack.clients["delivery"].post("/v1/receipts", content=body, headers=headers)
+        )
+        if answer["unknown"]:
+            raise RuntimeError(f"receipts for unknown touches: {answer['unknown'][:5]}")
 
 
 async def react(stack: Embedded, sandbox: SandboxProvider, world: World, users: int) -> None:
     """Users answer the messages just sent (receipts come back at once, as the clock
-    stands still), and some buy without being asked during the last step (everyone, the
-    holdout too: the baseline of the experiment)."""
+    stands still, in signed batches), and some buy without being asked during the last
+    step (everyone, the holdout too: the baseline of the experiment)."""
     rng, now = world.rng, stack.clock.now()
     fresh = sandbox.messages[world.seen :]
     world.seen = len(sandbox.messages)
-    calls: list[Awaitable[Any]] = []
+    receipts: list[dict[str, str]] = []
+    stamp = now.isoformat()
     purchases: list[dict[str, Any]] = []
     for message in fresh:
         if rng.random() >= REACTIONS["delivered"]:
             continue
-        calls.append(receipt(stack, message.touch_id, "delivered", now))
+        receipts.append({"id": message.touch_id, "event": "delivered", "at": stamp})
         world.reactions["delivered"] += 1
         roll = rng.random()
         if roll < UNSUBSCRIBE + COMPLAIN:
             event = "unsubscribed" if roll < UNSUBSCRIBE else "complained"
-            calls.append(receipt(stack, message.touch_id, event, now))
+            receipts.append({"id": message.touch_id, "event": event, "at": stamp})
             key = "*" if event == "complained" else message.channel
             world.stopped[message.user_id].setdefault(key, now)
             world.reactions[event] += 1
             continue
         if rng.random() >= REACTIONS["opened"]:
             continue
-        calls.append(receipt(stack, message.touch_id, "opened", now))
+        receipts.append({"id": message.touch_id, "event": "opened", "at": stamp})
         world.reactions["opened"] += 1
         if rng.random() >= REACTIONS["clicked"]:
             continue
-        calls.append(receipt(stack, message.touch_id, "clicked", now))
+        receipts.append({"id": message.touch_id, "event": "clicked", "at": stamp})
         world.reactions["clicked"] += 1
         if rng.random() < REACTIONS["buy"]:
             purchases.append(purchase(world, message.user_id, now, message.promotion_id))
@@ -304,7 +316,7 @@ async def react(stack: Embedded, sandbox: SandboxProvider, world: World, users: 
         if rng.random() < ORGANIC:
             at = now - timedelta(seconds=rng.uniform(0, STEP.total_seconds()))
             purchases.append(purchase(world, user_id(index), at, None))
-    await bounded(calls)
+    await post_receipts(stack, receipts)
     if purchases:
         body = {"activities": purchases}
         await ok(stack.clients["segmentation"].post("/v1/activities", json=body))

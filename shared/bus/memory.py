@@ -71,6 +71,8 @@ class InProcessBus(Bus):
         self._topics: dict[str, list[_Partition]] = {}
         self._groups: dict[str, _Group] = {}
         self._running = False
+        # Futures of `drained()` callers, resolved by the commit that empties the backlog.
+        self._drained: list[asyncio.Future[None]] = []
 
     async def start(self) -> None:
         self._running = True
@@ -179,11 +181,25 @@ class InProcessBus(Bus):
                     total += len(part.log) - group.committed.get((topic, index), 0)
         return total
 
+    async def drained(self) -> None:
+        """Until every group has committed everything published to its topics (backlog 0):
+        woken by the commit that empties the backlog, no polling."""
+        while self.backlog():
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._drained.append(waiter)
+            try:
+                await waiter
+            finally:
+                waiter.cancel()
+
     def _committed(self, group: str, tp: tuple[str, int]) -> int:
         return self._groups[group].committed.get(tp, 0)
 
     def _commit(self, group: str, tp: tuple[str, int], offset: int) -> None:
         self._groups[group].committed[tp] = offset
+        if self._drained and not self.backlog():
+            wake(self._drained)
+            self._drained = []
 
 
 class InProcessConsumer(Consumer):
