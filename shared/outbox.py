@@ -75,6 +75,7 @@ from sqlalchemy import (
     literal,
     select,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared.bus.base import Bus, Headers, OutMessage, PublishError
@@ -86,6 +87,7 @@ log = logging.getLogger(__name__)
 DEFAULT_TABLE = "outbox"
 MAX_BACKOFF_S = 5.0
 _DELETE_CHUNK = 500
+_ID_ARRAY = ARRAY(BigInteger)
 
 
 def outbox_columns() -> list[Column[Any]]:
@@ -299,18 +301,22 @@ class Outbox:
                 return 0
             messages = [
                 OutMessage(
-                    topic=row.topic,
-                    key=row.key,
-                    value=bytes(row.payload),
-                    headers=_decode_headers(row.headers),
+                    topic,
+                    key,
+                    payload if type(payload) is bytes else bytes(payload),
+                    _decode_headers(headers) if headers else (),
                 )
-                for row in rows
+                for _, topic, key, payload, headers in rows
             ]
             # Raises PublishError: the transaction rolls back and the rows stay. (On
             # SQLite this holds the service's write lock while publishing: fine for the
             # in-process bus of the embedded mode, bounded by the send timeout otherwise.)
             await self.bus.publish(messages)
-            ids = [row.id for row in rows]
+            ids = [row[0] for row in rows]
+            if self.db.is_postgres:
+                # One array parameter: an IN list renders (and compiles) a bind per id.
+                await conn.execute(delete(t).where(t.c.id == func.any(literal(ids, _ID_ARRAY))))
+                return len(rows)
             for start in range(0, len(ids), _DELETE_CHUNK):
                 await conn.execute(delete(t).where(t.c.id.in_(ids[start : start + _DELETE_CHUNK])))
         return len(rows)
