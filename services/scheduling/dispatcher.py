@@ -43,6 +43,7 @@ from services.scheduling.state import (
     lock_users,
     policy_at,
     state,
+    user_lock_key,
 )
 from shared.events import Channel, TouchDue, TouchSuppressed
 from shared.service import ServiceContext
@@ -61,7 +62,6 @@ _CLAIM_COLUMNS = (
     _t.c.wave,
     _t.c.variant,
     _t.c.due_at,
-    _t.c.planned_due_at,
     _t.c.deadline,
     _t.c.parallel,
     _t.c.rank,
@@ -69,6 +69,47 @@ _CLAIM_COLUMNS = (
     _t.c.coupon,
     _t.c.channel_order,
     _t.c.segment,
+)
+# Positions in a claimed row: SQLAlchemy rows and asyncpg records both index by position.
+(
+    _ID,
+    _USER,
+    _PROMOTION,
+    _WAVE,
+    _VARIANT,
+    _DUE,
+    _DEADLINE,
+    _PARALLEL,
+    _RANK,
+    _ESSENTIAL,
+    _COUPON,
+    _ORDER,
+    _SEGMENT,
+) = range(len(_CLAIM_COLUMNS))
+_CLAIM_LIST = ", ".join(c.name for c in _CLAIM_COLUMNS)
+
+# PostgreSQL: the hot reads straight on asyncpg (prepared once per connection), without
+# SQLAlchemy's per-statement compile-cache lookup and per-value result processing.
+_LOCK_TIMEOUT = text(f"SET LOCAL lock_timeout = '{int(LOCK_TIMEOUT_S * 1000)}ms'")
+_CLAIM_PG = (
+    f"SELECT {_CLAIM_LIST} FROM scheduling.touches"
+    " WHERE status = 'planned' AND due_at <= $1 ORDER BY due_at LIMIT $2 FOR UPDATE SKIP LOCKED"
+)
+_MORE_DUE_PG = (
+    f"SELECT {_CLAIM_LIST} FROM scheduling.touches"
+    " WHERE user_id = ANY($1::text[]) AND status = 'planned' AND due_at <= $2"
+    " AND touch_id <> ALL($3::text[]) FOR UPDATE SKIP LOCKED"
+)
+_LOCK_USERS_PG = (
+    "SELECT count(pg_advisory_xact_lock(k)) FROM (SELECT unnest($1::bigint[]) AS k ORDER BY 1) s"
+)
+_USERS_PG = (
+    "SELECT user_id, timezone, erased_at, fatigue, paused::text, unanswered, last_engaged_at,"
+    " first_seen_at, consent::text FROM scheduling.users WHERE user_id = ANY($1::text[])"
+)
+_CONTACTS_PG = (
+    "SELECT user_id, at FROM scheduling.contacts"
+    " WHERE user_id = ANY($1::text[]) AND at > $2 AND status <> 'released'"
 )
 _SENT = (
     update(_t)
@@ -114,30 +155,18 @@ async def dispatch_once(ctx: ServiceContext, *, batch: int = 1000) -> int:
     """One transaction: claim up to `batch` due touches and decide each; returns how many."""
     now = ctx.clock.now()
     async with ctx.db.begin() as conn:
-        postgres = conn.dialect.name == "postgresql"
-        if postgres:
-            # A lock held by a stuck client must not stall dispatch for good.
-            await conn.execute(text(f"SET LOCAL lock_timeout = '{int(LOCK_TIMEOUT_S * 1000)}ms'"))
-        claim = (
-            select(*_CLAIM_COLUMNS)
-            .where(_t.c.status == "planned", _t.c.due_at <= now)
-            .order_by(_t.c.due_at)
-            .limit(batch)
-        )
-        if postgres:
-            claim = claim.with_for_update(skip_locked=True)
-        rows = list((await conn.execute(claim)).all())
-        if not rows:
+        if conn.dialect.name == "postgresql":
+            loaded = await _load_pg(conn, batch, now)
+        else:
+            loaded = await _load(conn, batch, now)
+        if loaded is None:
             return 0
-        user_ids = sorted({r.user_id for r in rows})
-        await lock_users(conn, user_ids)
-        rows += await _more_due(conn, user_ids, {r.touch_id for r in rows}, now, postgres)
-        promotions = await _promotions(ctx, conn, {r.promotion_id for r in rows})
-        users = await _users(conn, user_ids, now)
+        rows, users = loaded
+        promotions = await _promotions(ctx, conn, {r[_PROMOTION] for r in rows})
         outcome = _Outcome(FastEncoder(ctx, now))
         by_user: dict[str, list[Any]] = defaultdict(list)
         for row in rows:
-            by_user[row.user_id].append(row)
+            by_user[row[_USER]].append(row)
         for user_id, user_rows in by_user.items():
             _decide(user_id, user_rows, users[user_id], promotions, outcome)
         await outcome.write(ctx, conn)
@@ -145,16 +174,73 @@ async def dispatch_once(ctx: ServiceContext, *, batch: int = 1000) -> int:
     return len(rows)
 
 
-async def _more_due(
-    conn: AsyncConnection, user_ids: list[str], claimed: set[str], now: datetime, postgres: bool
-) -> list[Any]:
-    """The users' other due touches, so that the priority decides among all of them."""
-    query = select(*_CLAIM_COLUMNS).where(
+_Loaded = tuple[list[Any], dict[str, domain.UserView]]
+
+
+async def _load_pg(conn: AsyncConnection, batch: int, now: datetime) -> _Loaded | None:
+    """Claim up to `batch` due touches, lock their users, then read the users' other due
+    touches (so that the priority decides among all of them), state and contact history."""
+    # A lock held by a stuck client must not stall dispatch for good. Through SQLAlchemy: its
+    # first statement is what sends BEGIN; on the bare driver, the claim would autocommit.
+    await conn.execute(_LOCK_TIMEOUT)
+    raw = await conn.get_raw_connection()
+    driver: Any = raw.driver_connection
+    if not driver.is_in_transaction():
+        raise RuntimeError("dispatch must claim inside a transaction")
+    rows = await driver.fetch(_CLAIM_PG, now, batch)
+    if not rows:
+        return None
+    user_ids = sorted({r[_USER] for r in rows})
+    await driver.fetchval(_LOCK_USERS_PG, sorted({user_lock_key(u) for u in user_ids}))
+    rows += await driver.fetch(_MORE_DUE_PG, user_ids, now, [r[_ID] for r in rows])
+    views = {uid: domain.UserView() for uid in user_ids}
+    for (
+        uid,
+        tz,
+        erased_at,
+        fatigue,
+        paused,
+        unanswered,
+        engaged,
+        first_seen,
+        consent,
+    ) in await driver.fetch(_USERS_PG, user_ids):
+        view = views[uid]
+        view.timezone = tz or "UTC"
+        view.consent = orjson.loads(consent) if consent else {}
+        view.erased = erased_at is not None
+        if fatigue != "normal" or paused or unanswered or engaged is not None:
+            view.fatigue = domain.FatigueState(
+                state=fatigue,
+                paused=frozenset(orjson.loads(paused) or ()) if paused else frozenset(),
+                unanswered=int(unanswered),
+                last_engaged_at=engaged,
+            )
+        view.first_seen = first_seen
+    for uid, at in await driver.fetch(_CONTACTS_PG, user_ids, now - domain.MONTH):
+        views[uid].history.append(at)
+    return rows, views
+
+
+async def _load(conn: AsyncConnection, batch: int, now: datetime) -> _Loaded | None:
+    """`_load_pg` through SQLAlchemy (SQLite: one writer at a time, no row locks needed)."""
+    claim = (
+        select(*_CLAIM_COLUMNS)
+        .where(_t.c.status == "planned", _t.c.due_at <= now)
+        .order_by(_t.c.due_at)
+        .limit(batch)
+    )
+    rows = list((await conn.execute(claim)).all())
+    if not rows:
+        return None
+    user_ids = sorted({r[_USER] for r in rows})
+    await lock_users(conn, user_ids)
+    claimed = {r[_ID] for r in rows}
+    more = select(*_CLAIM_COLUMNS).where(
         _among(conn, _t.c.user_id, user_ids), _t.c.status == "planned", _t.c.due_at <= now
     )
-    if postgres:
-        query = query.with_for_update(skip_locked=True)
-    return [r for r in (await conn.execute(query)).all() if r.touch_id not in claimed]
+    rows += [r for r in (await conn.execute(more)).all() if r[_ID] not in claimed]
+    return rows, await _users(conn, user_ids, now)
 
 
 def _among(conn: AsyncConnection, column: Any, values: list[str]) -> Any:
@@ -165,13 +251,29 @@ def _among(conn: AsyncConnection, column: Any, values: list[str]) -> Any:
 
 
 class _Promotion:
-    __slots__ = ("cancelled", "ended_at", "name", "policy")
+    __slots__ = ("_contents", "cancelled", "ended_at", "name", "policy")
 
     def __init__(self, name: str, ended_at: datetime, cancelled: bool, policy: Policy) -> None:
         self.name = name
         self.ended_at = ended_at
         self.cancelled = cancelled
         self.policy = policy
+        self._contents: dict[tuple[str, str, tuple[str, ...]], dict[str, Any]] = {}
+
+    def content(self, wave_name: str, variant: str, channels: list[str]) -> dict[str, Any]:
+        """The templates of a touch.due, per channel; the same for every touch of a wave,
+        variant and channel list (orjson writes a shared dict as often as it is referenced)."""
+        key = (wave_name, variant, tuple(channels))
+        found = self._contents.get(key)
+        if found is None:
+            wave = domain.wave_of(self.policy, wave_name)
+            templates = wave.content.get(variant, {}) if wave else {}
+            found = self._contents[key] = {
+                c: {"subject": templates[c].subject, "body": templates[c].body}
+                for c in channels
+                if c in templates
+            }
+        return found
 
 
 async def _promotions(
@@ -348,15 +450,19 @@ def _decide(
 ) -> None:
     now = out.now
     before = user.fatigue
-    first = promotions.get(rows[0].promotion_id)
+    first = promotions.get(rows[0][_PROMOTION])
     policy_fatigue = (first.policy if first else None) or next(
         p.policy for p in promotions.values()
     )
     user.fatigue, changes = domain.on_time(
         user.fatigue, now, user.first_seen, policy_fatigue.fatigue
     )
-    by_id = {r.touch_id: r for r in rows} if len(rows) > 1 else {rows[0].touch_id: rows[0]}
-    due = [_due_touch(r, promotions.get(r.promotion_id)) for r in rows]
+    if len(rows) == 1:
+        row = rows[0]
+        by_id = {row[_ID]: row}
+    else:
+        by_id = {r[_ID]: r for r in rows}
+    due = [_due_touch(r, promotions.get(r[_PROMOTION])) for r in rows]
 
     def policy_of(touch: domain.DueTouch) -> Policy:
         promotion = promotions.get(touch.promotion_id)
@@ -366,7 +472,7 @@ def _decide(
     for touch, decision in domain.decide_user(due, user, now, policy_of):
         row = by_id[touch.touch_id]
         touch_id = touch.touch_id
-        if isinstance(decision, domain.Send):
+        if type(decision) is domain.Send:
             promotion = promotions[touch.promotion_id]
             channels = list(decision.channels)
             out.decided.append((touch_id, "dispatched", channels[0], None, None, 0.0))
@@ -379,10 +485,11 @@ def _decide(
                 f"{touch_id}.due",
                 _touch_due(user_id, row, channels, promotion, touch),
             )
-        elif isinstance(decision, domain.Defer):
-            delay = (decision.until - row.due_at).total_seconds()
+        elif type(decision) is domain.Defer:
+            delay = (decision.until - row[_DUE]).total_seconds()
             out.decided.append((touch_id, "planned", None, decision.reason, decision.until, delay))
         else:
+            assert isinstance(decision, domain.Suppress)
             out.decided.append((touch_id, "suppressed", None, decision.reason, None, 0.0))
             encoder.add(
                 SUPPRESSED_TYPE,
@@ -393,7 +500,7 @@ def _decide(
                     "user_id": user_id,
                     "promotion_id": touch.promotion_id,
                     "wave": touch.wave,
-                    "variant": row.variant,
+                    "variant": row[_VARIANT],
                     "channel": None,
                     "reason": decision.reason,
                     "at": encoder.time,
@@ -412,22 +519,24 @@ def _decide(
                 "b_now": now,
             }
         )
-    out.history += [history_row(user_id, change) for change in changes]
+    if changes:
+        out.history += [history_row(user_id, change) for change in changes]
 
 
 def _due_touch(row: Any, promotion: _Promotion | None) -> domain.DueTouch:
+    due_at = row[_DUE]
     return domain.DueTouch(
-        row.touch_id,
-        row.promotion_id,
-        row.wave,
-        row.variant or "",
-        row.due_at,
-        row.deadline or row.due_at,
-        row.parallel,
-        row.rank,
-        row.essential,
-        row.due_at if promotion is None else promotion.ended_at,
-        _channel_order(row.channel_order or ""),
+        row[_ID],
+        row[_PROMOTION],
+        row[_WAVE],
+        row[_VARIANT] or "",
+        due_at,
+        row[_DEADLINE] or due_at,
+        row[_PARALLEL],
+        row[_RANK],
+        row[_ESSENTIAL],
+        due_at if promotion is None else promotion.ended_at,
+        _channel_order(row[_ORDER] or ""),
         promotion is None or promotion.cancelled,
     )
 
@@ -444,35 +553,32 @@ def _touch_due(
     promotion: _Promotion,
     touch: domain.DueTouch,
 ) -> dict[str, Any]:
-    """The data of a touch.due event (the TouchDue schema; a unit test validates it)."""
-    wave = domain.wave_of(promotion.policy, touch.wave)
-    templates = wave.content.get(touch.variant, {}) if wave else {}
+    """The data of a touch.due event (the TouchDue schema; a unit test validates it).
+
+    `row`: a claimed row (positions `_ID` ... `_SEGMENT`)."""
     variables = {
         "promotion_id": touch.promotion_id,
         "promotion_name": promotion.name or touch.promotion_id,
         "wave": touch.wave,
     }
-    if row.coupon:
+    coupon = row[_COUPON]
+    if coupon:
         variables["coupon_code"] = domain.coupon_code(user_id, touch.promotion_id, touch.wave)
     return {
         "touch_id": touch.touch_id,
         "user_id": user_id,
         "promotion_id": touch.promotion_id,
         "wave": touch.wave,
-        "variant": row.variant,
+        "variant": row[_VARIANT],
         "channel": channels[0],
-        "due_at": row.due_at,  # orjson writes them as isoformat() does
+        "due_at": row[_DUE],  # orjson writes them as isoformat() does
         "deadline": touch.deadline,
         "channels": channels,
         "parallel": min(touch.parallel, len(channels)),
-        "coupon": bool(row.coupon),
-        "content": {
-            c: {"subject": templates[c].subject, "body": templates[c].body}
-            for c in channels
-            if c in templates
-        },
+        "coupon": bool(coupon),
+        "content": promotion.content(touch.wave, touch.variant, channels),
         "variables": variables,
-        "segment": row.segment,
+        "segment": row[_SEGMENT],
     }
 
 

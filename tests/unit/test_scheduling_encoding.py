@@ -64,7 +64,10 @@ def test_touch_due_data_matches_the_schema() -> None:
         essential=True,
         promotion_ended_at=NOW,
     )
-    row = SimpleNamespace(due_at=NOW, coupon=True, segment="silent", variant="B")
+    # A claimed row, by position as the dispatcher reads it.
+    row: list[Any] = [None] * len(dispatcher._CLAIM_COLUMNS)
+    row[dispatcher._DUE], row[dispatcher._COUPON] = NOW, True
+    row[dispatcher._SEGMENT], row[dispatcher._VARIANT] = "silent", "B"
     data = dispatcher._touch_due("u-1", row, ["sms", "push"], promotion, touch)
     due = TouchDue.model_validate(data)
     assert (due.touch_id, due.user_id, due.wave, due.variant) == ("t-1", "u-1", "day7", "B")
