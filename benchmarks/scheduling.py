@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import cProfile
 import os
 import resource
 import sys
@@ -47,7 +49,7 @@ import tempfile
 import time
 import uuid
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -136,6 +138,21 @@ def members(first: int, count: int, total: int) -> list[Event[Any]]:
     return out
 
 
+@contextlib.contextmanager
+def profiled(path: str | None, phase: str) -> Iterator[None]:
+    """cProfile of this process during one phase, to `path.phase.prof` (--profile)."""
+    if not path:
+        yield
+        return
+    profile = cProfile.Profile()
+    profile.enable()
+    try:
+        yield
+    finally:
+        profile.disable()
+        profile.dump_stats(f"{path}.{phase}.prof")
+
+
 def percentile(values: Sequence[float], p: float) -> float:
     if not values:
         return float("nan")
@@ -206,7 +223,8 @@ async def bench(args: argparse.Namespace, url: str, bootstrap: str) -> dict[str,
                 await planning.on_audience_members(ctx, members(first, min(CHUNK, n - first), n))
 
         started, cpu = time.perf_counter(), time.process_time()
-        await asyncio.gather(*(plan_partition() for _ in range(args.partitions)))
+        with profiled(args.profile, "plan"):
+            await asyncio.gather(*(plan_partition() for _ in range(args.partitions)))
         plan_s, plan_cpu = time.perf_counter() - started, time.process_time() - cpu
         t = store.touches
         async with db.connect() as conn:
@@ -231,8 +249,9 @@ async def bench(args: argparse.Namespace, url: str, bootstrap: str) -> dict[str,
         )
         # -- relaying the touch.planned events ----------------------------------------
         started = time.perf_counter()
-        while await outbox.relay_once():
-            pass
+        with profiled(args.profile, "relay"):
+            while await outbox.relay_once():
+                pass
         relay_s = time.perf_counter() - started
         figures.update(relayed_events=backlog, relay_s=relay_s, relayed_per_s=backlog / relay_s)
         print(
@@ -246,26 +265,28 @@ async def bench(args: argparse.Namespace, url: str, bootstrap: str) -> dict[str,
             seconds = due_total / rate
             clock.speed = 86400 / seconds
             cpu = time.process_time()
-            await outbox.start()
-            clock.begin(DAY_START)
-            config = SchedulingSettings(dispatch_batch=args.batch, dispatch_idle_s=0.05)
-            tasks = [
-                asyncio.create_task(dispatcher.run(ctx, config)) for _ in range(args.dispatchers)
-            ]
-            await asyncio.sleep(seconds)
-            # Until nothing of the day is pending and the outbox is empty.
-            async with asyncio.timeout(max(1800.0, 10 * seconds)):
-                while True:
-                    async with db.connect() as conn:
-                        left = await conn.scalar(
-                            select(func.count()).where(
-                                t.c.status == "planned", t.c.due_at <= clock.now()
+            with profiled(args.profile, "dispatch"):
+                await outbox.start()
+                clock.begin(DAY_START)
+                config = SchedulingSettings(dispatch_batch=args.batch, dispatch_idle_s=0.05)
+                tasks = [
+                    asyncio.create_task(dispatcher.run(ctx, config))
+                    for _ in range(args.dispatchers)
+                ]
+                await asyncio.sleep(seconds)
+                # Until nothing of the day is pending and the outbox is empty.
+                async with asyncio.timeout(max(1800.0, 10 * seconds)):
+                    while True:
+                        async with db.connect() as conn:
+                            left = await conn.scalar(
+                                select(func.count()).where(
+                                    t.c.status == "planned", t.c.due_at <= clock.now()
+                                )
                             )
-                        )
-                    if not left and not await outbox.pending():
-                        break
-                    await asyncio.sleep(0.2)
-            dispatch_cpu = time.process_time() - cpu
+                        if not left and not await outbox.pending():
+                            break
+                        await asyncio.sleep(0.2)
+                dispatch_cpu = time.process_time() - cpu
             await stop_dispatchers(ctx)
             for task in tasks:
                 task.cancel()
@@ -439,6 +460,11 @@ def main() -> None:
         "--partitions", type=int, default=4, help="audience batches planned concurrently"
     )
     parser.add_argument("--json", metavar="PATH", help="also write the figures as flat JSON")
+    parser.add_argument(
+        "--profile",
+        metavar="PATH",
+        help="cProfile each phase of this process to PATH.plan.prof, .relay.prof, .dispatch.prof",
+    )
     parser.add_argument("--observe", metavar="TOPIC", help=argparse.SUPPRESS)
     parser.add_argument("--bootstrap", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
