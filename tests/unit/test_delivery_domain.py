@@ -206,3 +206,23 @@ async def test_limiter_caps_holders_and_serves_waiters_in_order() -> None:
     release.set()
     await asyncio.gather(*tasks, return_exceptions=True)
     assert order == [0, 1, 3, 4] and limiter.in_use == 0
+
+
+async def test_a_retry_takes_the_next_turn_of_the_limiter() -> None:
+    """A provider call's retry goes before the first calls waiting (its batch waits on it)."""
+    limiter = Limiter(1)
+    order: list[str] = []
+    gate = asyncio.Event()
+
+    async def hold(name: str, *, retry: bool = False) -> None:
+        async with limiter.ahead() if retry else limiter:
+            order.append(name)
+            await gate.wait()
+
+    tasks = [asyncio.create_task(hold(n)) for n in ("first", "a", "b")]
+    await asyncio.sleep(0.01)
+    tasks.append(asyncio.create_task(hold("retry", retry=True)))
+    await asyncio.sleep(0.01)
+    gate.set()
+    await asyncio.gather(*tasks)
+    assert order == ["first", "retry", "a", "b"] and limiter.in_use == 0

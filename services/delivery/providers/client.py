@@ -25,6 +25,7 @@ from services.delivery.providers.fast import FastTransport, ProviderAnswer
 from services.delivery.providers.resilience import (
     CircuitBreaker,
     CircuitState,
+    Limiter,
     TokenBucket,
 )
 
@@ -125,7 +126,12 @@ class ProviderClient:
             started = time.perf_counter()
             retry_after: float | None = None
             try:
-                async with self.semaphore:
+                slot = (
+                    self.semaphore.ahead()
+                    if attempt > 1 and isinstance(self.semaphore, Limiter)
+                    else self.semaphore
+                )
+                async with slot:
                     response = await transport.send(request)
             except httpx.TimeoutException as exc:
                 self.circuit.failure()
