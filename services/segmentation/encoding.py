@@ -5,7 +5,7 @@ through `domain.segment_of`, a pydantic model and `shared.events.encode` costs m
 than publishing it. `AudienceEncoder` computes the same snapshot from the same
 inputs - memoizing what depends on few values (the RFM tier of a score triple, the
 age band of a birth year, the channel order of a band without history) - and
-writes the CloudEvent with orjson. `activity_payloads` does the same for the
+writes the CloudEvent with orjson. `activity_batch` does the same for the
 `activity.recorded` events of a REST batch. The tests decode both with the event
 registry and compare them with the model path (`shared.events.encode`).
 """
@@ -13,7 +13,8 @@ registry and compare them with the model path (`shared.events.encode`).
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -50,38 +51,66 @@ _MAX_COUNT = (1 << 48) - 1
 ACTIVITY_TYPE = ActivityRecorded.event_type()
 
 
-def activity_payloads(
-    items: Sequence[Mapping[str, Any]], *, source: str, time: datetime, ids: EventIds
-) -> list[bytes]:
-    """`activity.recorded` CloudEvents of validated REST items (as `shared.events.encode`)."""
-    stamp = time.isoformat()
-    dumps = orjson.dumps
-    next_id = ids.next
-    return [
-        dumps(
-            {
-                "specversion": SPEC_VERSION,
-                "id": next_id(),
-                "source": source,
-                "type": ACTIVITY_TYPE,
-                "time": stamp,
-                "subject": item["user_id"],
-                "datacontenttype": "application/json",
-                "data": {
-                    "user_id": item["user_id"],
-                    "id": item["id"],
-                    "kind": item["kind"],
-                    "occurred_at": item["occurred_at"],
-                    "amount": item.get("amount"),
-                    "currency": item.get("currency"),
-                    "item_id": item.get("item_id"),
-                    "category": item.get("category"),
-                    "promotion_id": item.get("promotion_id"),
-                },
-            }
-        )
-        for item in items
-    ]
+@dataclass(frozen=True)
+class Announce:
+    """How a batch's activities are announced: the outbox lane of a user, the event ids."""
+
+    lane: Callable[[str], int]
+    source: str
+    time: datetime
+    ids: EventIds
+
+
+def activity_batch(items: Sequence[Mapping[str, Any]], announce: Announce | None = None) -> str:
+    """The JSON rows of a batch for `store.record_batch_postgres`, in order.
+
+    Each row holds an activity's fields (dicts of `api.ActivityCreate`); with `announce`
+    also its outbox lane and, as `payload`, its `activity.recorded` CloudEvent (as
+    `shared.events.encode` writes it), which PostgreSQL stores as the outbox payload.
+    One orjson call for the whole batch.
+    """
+    if announce is None:
+        rows: list[dict[str, Any]] = [_activity_fields(item) for item in items]
+    else:
+        stamp = announce.time.isoformat()
+        next_id = announce.ids.next
+        lane = announce.lane
+        source = announce.source
+        rows = []
+        for item in items:
+            data = _activity_fields(item)
+            user_id = data["user_id"]
+            rows.append(
+                {
+                    **data,
+                    "lane": lane(user_id),
+                    "payload": {
+                        "specversion": SPEC_VERSION,
+                        "id": next_id(),
+                        "source": source,
+                        "type": ACTIVITY_TYPE,
+                        "time": stamp,
+                        "subject": user_id,
+                        "datacontenttype": "application/json",
+                        "data": data,
+                    },
+                }
+            )
+    return orjson.dumps(rows, option=orjson.OPT_NAIVE_UTC).decode()
+
+
+def _activity_fields(item: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "user_id": item["user_id"],
+        "id": item["id"],
+        "kind": item["kind"],
+        "occurred_at": item["occurred_at"],
+        "amount": item.get("amount"),
+        "currency": item.get("currency"),
+        "item_id": item.get("item_id"),
+        "category": item.get("category"),
+        "promotion_id": item.get("promotion_id"),
+    }
 
 
 class AudienceEncoder:

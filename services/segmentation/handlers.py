@@ -177,13 +177,18 @@ async def record_activity_items(ctx: ServiceContext, items: Sequence[Mapping[str
     now = ctx.clock.now()
     outbox = ctx.outbox
     lanes = outbox.lanes
-    columns = _columns(unique)
-    columns["lanes"] = [lane_for(i["user_id"], lanes) for i in unique]
-    columns["payloads"] = encoding.activity_payloads(
-        unique, source=outbox.source, time=now, ids=_event_ids(ctx)
+    announce = encoding.Announce(
+        lane=lambda user_id: lane_for(user_id, lanes),
+        source=outbox.source,
+        time=now,
+        ids=_event_ids(ctx),
     )
     recorded = await _record_postgres(
-        ctx, unique, columns, now=now, topic=outbox.topic_name(ActivityRecorded.topic)
+        ctx,
+        unique,
+        encoding.activity_batch(unique, announce),
+        now=now,
+        topic=outbox.topic_name(ActivityRecorded.topic),
     )
     if recorded:
         outbox.notify()
@@ -204,20 +209,6 @@ def _activity(item: Mapping[str, Any]) -> domain.Activity:
     )
 
 
-def _columns(items: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
-    return {
-        "ids": [i["id"] for i in items],
-        "user_ids": [i["user_id"] for i in items],
-        "kinds": [i["kind"] for i in items],
-        "occurred": [i["occurred_at"] for i in items],
-        "amounts": [i.get("amount") for i in items],
-        "currencies": [i.get("currency") for i in items],
-        "item_ids": [i.get("item_id") for i in items],
-        "categories": [i.get("category") for i in items],
-        "promotion_ids": [i.get("promotion_id") for i in items],
-    }
-
-
 def _event_ids(ctx: ServiceContext) -> encoding.EventIds:
     ids = ctx.extras.get(EVENT_IDS_KEY)
     if not isinstance(ids, encoding.EventIds):
@@ -228,7 +219,7 @@ def _event_ids(ctx: ServiceContext) -> encoding.EventIds:
 async def _record_postgres(
     ctx: ServiceContext,
     items: Sequence[Mapping[str, Any]],
-    columns: dict[str, list[Any]],
+    batch: str,
     *,
     now: datetime,
     topic: str | None,
@@ -239,7 +230,7 @@ async def _record_postgres(
         new_ids = set(
             await store.record_batch_postgres(
                 conn,
-                columns,
+                batch,
                 now=now,
                 default_start=domain.ltv_window_start(now, config.ltv.window_months),
                 topic=topic,
@@ -278,7 +269,7 @@ async def record_activities(
         if ctx.db.is_postgres and not publish:
             unique = [a.__dict__ for a in {a.id: a for a in reversed(chunk)}.values()][::-1]
             recorded += await _record_postgres(
-                ctx, unique, _columns(unique), now=ctx.clock.now(), topic=None
+                ctx, unique, encoding.activity_batch(unique), now=ctx.clock.now(), topic=None
             )
         else:
             recorded += await _record_chunk(ctx, chunk, publish=publish)

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from datetime import date, datetime, timedelta
 from typing import Any
 
+import orjson
 from sqlalchemy import (
     JSON,
     Boolean,
@@ -826,7 +827,8 @@ async def rebuild_aggregates(conn: AsyncConnection, start: date, now: datetime) 
 
 # -- activities on PostgreSQL: one set-based statement per batch --------------------------
 
-# The batch arrives as one array per column (unnest), in the order it was sent. New
+# The batch arrives as one JSON array of rows (`encoding.activity_batch`), in the order it
+# was sent: one parameter, where an array per column costs asyncpg checks per element. New
 # activities (not seen before, not of an erased user from before the erasure) are inserted
 # and, from what the INSERT returned, folded into the aggregates and the monthly buckets
 # and, for REST batches, announced through the outbox - all in one statement and one round
@@ -839,12 +841,11 @@ _SIGNED = (
 _INTERACTIONS_SQL = ", ".join(f"'{k}'" for k in sorted(domain.INTERACTIONS))
 _RECORD_BATCH = f"""
 WITH input AS (
-    SELECT * FROM unnest(
-        CAST(:ids AS text[]), CAST(:user_ids AS text[]), CAST(:kinds AS text[]),
-        CAST(:occurred AS timestamptz[]), CAST(:amounts AS float8[]),
-        CAST(:currencies AS text[]), CAST(:item_ids AS text[]), CAST(:categories AS text[]),
-        CAST(:promotion_ids AS text[]), CAST(:lanes AS smallint[]), CAST(:payloads AS bytea[])
-    ) WITH ORDINALITY AS t(id, user_id, kind, occurred_at, amount, currency, item_id,
+    SELECT * FROM ROWS FROM (json_to_recordset(CAST(:batch AS json)) AS (
+        id text, user_id text, kind text, occurred_at timestamptz, amount float8,
+        currency text, item_id text, category text, promotion_id text, lane smallint,
+        payload json
+    )) WITH ORDINALITY AS t(id, user_id, kind, occurred_at, amount, currency, item_id,
                            category, promotion_id, lane, payload, position)
 ),
 window_start AS (
@@ -914,7 +915,8 @@ SELECT id FROM new
 _ANNOUNCE = f""",
 announced AS (
     INSERT INTO {SCHEMA}.{outbox.name} (lane, topic, key, payload, headers, created_at)
-    SELECT i.lane, CAST(:topic AS text), i.user_id, i.payload, CAST(NULL AS json),
+    SELECT i.lane, CAST(:topic AS text), i.user_id, convert_to(i.payload::text, 'UTF8'),
+           CAST(NULL AS json),
            CAST(:now AS timestamptz)
     FROM input i JOIN new n ON n.id = i.id
     ORDER BY i.position
@@ -929,8 +931,8 @@ WITH pairs AS (
     SELECT user_id, item_id,
            min(occurred_at) - CAST(:window AS interval) AS since,
            max(occurred_at) + CAST(:window AS interval) AS until
-    FROM unnest(CAST(:user_ids AS text[]), CAST(:item_ids AS text[]),
-                CAST(:occurred AS timestamptz[])) AS p(user_id, item_id, occurred_at)
+    FROM json_to_recordset(CAST(:purchases AS json))
+         AS p(user_id text, item_id text, occurred_at timestamptz)
     GROUP BY user_id, item_id
 ),
 bought AS (
@@ -953,7 +955,7 @@ FLAG_ABUSE = text(_FLAG_ABUSE)
 
 async def record_batch_postgres(
     conn: AsyncConnection,
-    columns: dict[str, list[Any]],
+    batch: str,
     *,
     now: datetime,
     default_start: date,
@@ -961,16 +963,10 @@ async def record_batch_postgres(
 ) -> list[str]:
     """Insert, fold and (with `topic`) announce a batch; returns the ids that were new.
 
-    `columns`: ids, user_ids, kinds, occurred, amounts, currencies, item_ids, categories,
-    promotion_ids, and for announced batches lanes and payloads (outbox rows).
+    `batch`: the JSON of `encoding.activity_batch`, with lanes and payloads (the outbox
+    rows) for an announced batch.
     """
-    params: dict[str, Any] = {
-        "lanes": None,
-        "payloads": None,
-        **columns,
-        "now": now,
-        "default_start": default_start,
-    }
+    params: dict[str, Any] = {"batch": batch, "now": now, "default_start": default_start}
     if topic is None:
         result = await conn.execute(RECORD_BATCH, params)
     else:
@@ -989,12 +985,11 @@ async def flag_abuse_postgres(
     """Flag the users among these (user, item, time) purchases who bought an item too often."""
     if not purchases:
         return []
+    rows = [{"user_id": u, "item_id": i, "occurred_at": at} for u, i, at in purchases]
     result = await conn.execute(
         FLAG_ABUSE,
         {
-            "user_ids": [p[0] for p in purchases],
-            "item_ids": [p[1] for p in purchases],
-            "occurred": [p[2] for p in purchases],
+            "purchases": orjson.dumps(rows, option=orjson.OPT_NAIVE_UTC).decode(),
             "window": window,
             "threshold": threshold,
             "now": now,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from services.segmentation import domain, store
+from services.segmentation import domain, encoding, store
 from shared.db import Database
 from shared.migrations import upgrade_async
 from tests.conftest import fresh_database
@@ -194,20 +194,10 @@ async def test_the_set_based_batch_folds_like_the_rules(db: Database) -> None:
     for chunk in range(0, len(acts), 100):
         # Every batch repeats a slice of the previous one: those ids are not new.
         batch = acts[max(0, chunk - 20) : chunk + 100]
-        columns = {
-            "ids": [a.id for a in batch],
-            "user_ids": [a.user_id for a in batch],
-            "kinds": [a.kind for a in batch],
-            "occurred": [a.occurred_at for a in batch],
-            "amounts": [a.amount for a in batch],
-            "currencies": [None] * len(batch),
-            "item_ids": [None] * len(batch),
-            "categories": [None] * len(batch),
-            "promotion_ids": [None] * len(batch),
-        }
+        rows = encoding.activity_batch([a.__dict__ for a in batch])
         async with db.begin() as conn:
             new += await store.record_batch_postgres(
-                conn, columns, now=NOW, default_start=start, topic=None
+                conn, rows, now=NOW, default_start=start, topic=None
             )
     kept = [a for a in acts if a.user_id != "u-24"]
     assert sorted(new) == sorted(a.id for a in kept)

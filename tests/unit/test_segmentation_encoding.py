@@ -144,12 +144,21 @@ def test_activity_events_match_the_model_path() -> None:
         },
         {"id": "a-2", "user_id": "u-2", "kind": "visit", "occurred_at": NOW},
     ]
-    ids = encoding.EventIds()
-    payloads = encoding.activity_payloads(items, source=SOURCE, time=NOW, ids=ids)
-    for item, raw in zip(items, payloads, strict=True):
+    announce = encoding.Announce(
+        lane=lambda user_id: len(user_id), source=SOURCE, time=NOW, ids=encoding.EventIds()
+    )
+    rows = json.loads(encoding.activity_batch(items, announce))
+    payloads = [json.dumps(row["payload"]).encode() for row in rows]
+    for item, row, raw in zip(items, rows, payloads, strict=True):
         expected = encode(ActivityRecorded(**item), source=SOURCE, time=NOW)
         assert _decoded(raw) == _decoded(expected)
+        assert row["lane"] == len(item["user_id"])
+        assert datetime.fromisoformat(row["occurred_at"]) == item["occurred_at"]
+        assert {k: row[k] for k in item if k != "occurred_at"} == {
+            k: v for k, v in item.items() if k != "occurred_at"
+        }
     assert len({json.loads(raw)["id"] for raw in payloads}) == 2
+    assert "payload" not in json.loads(encoding.activity_batch(items))[0]
 
 
 def test_event_ids_are_unique_and_uuid_shaped() -> None:
