@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
+import zlib
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -688,20 +689,31 @@ _LOCK = text(
 )
 
 
+# Users share this many locks: a transaction takes at most this many, however many users
+# it counts (PostgreSQL's lock table holds max_locks_per_transaction x max_connections locks
+# in all, 64 x 100 by default, and a batch of thousands of users must not exhaust it).
+USER_LOCKS = 1024
+
+
+def _lock_key(n: int) -> int:
+    return int.from_bytes(
+        hashlib.blake2b(f"metrics-users:{n}".encode(), digest_size=8).digest(),
+        "big",
+        signed=True,
+    )
+
+
+_USER_LOCK_KEYS = [_lock_key(n) for n in range(USER_LOCKS)]
+
+
 async def lock_users(conn: AsyncConnection, users: set[str]) -> None:
-    """On PostgreSQL, hold a transaction lock per user (taken in key order, so batches never
-    deadlock): topics are consumed concurrently, and a purchase and the exposure that should own
-    it, counted in two concurrent transactions, would otherwise each miss the other."""
+    """On PostgreSQL, hold the transaction lock of each user's share (taken in key order, so
+    batches never deadlock): topics are consumed concurrently, and a purchase and the exposure
+    that should own it, counted in two concurrent transactions, would otherwise each miss the
+    other. Users sharing a lock only wait for each other."""
     if conn.dialect.name != "postgresql" or not users:
         return
-    keys = sorted(
-        int.from_bytes(
-            hashlib.blake2b(f"metrics-user:{u}".encode(), digest_size=8).digest(),
-            "big",
-            signed=True,
-        )
-        for u in users
-    )
+    keys = sorted({_USER_LOCK_KEYS[zlib.crc32(u.encode()) % USER_LOCKS] for u in users})
     await conn.execute(_LOCK, {"keys": keys})
 
 
