@@ -50,6 +50,10 @@ SPEC = ServiceSpec(
     routers=(api.router, dashboard.router),
     batch_handlers=batch_handlers,
     workers=workers,
+    # Counting costs mostly per transaction and per row written, and a larger batch merges
+    # more events into each aggregate row (events of a minute and dimensions, a touch's
+    # planned and sent): 5,000 messages per poll instead of 500.
+    consumer_max_batch=5000,
 )
 
 create_app = SPEC.create_app
