@@ -12,6 +12,7 @@ registry and compare them with the model path (`shared.events.encode`).
 
 from __future__ import annotations
 
+import bisect
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -149,6 +150,12 @@ class AudienceEncoder:
             (rule.name, rule.metric, rule.within_days, domain.TAG_OPS[rule.op], rule.value)
             for rule in config.tags
         ]
+        # Only the rules without a window read the kept figures.
+        self._kept_tags = any(rule.within_days is None for rule in config.tags)
+        if cuts is not None:
+            self._recency = _Thresholds(cuts.recency)
+            self._frequency = _Thresholds(cuts.frequency)
+            self._monetary = _Thresholds(cuts.monetary)
 
     # -- the snapshot ------------------------------------------------------------------
 
@@ -198,9 +205,9 @@ class AudienceEncoder:
         r = f = m = None
         layer = tier = None
         if cuts is not None:
-            r = _quintile(last_purchase, cuts.recency)
-            f = _quintile(purchases, cuts.frequency)
-            m = _quintile(monetary, cuts.monetary)
+            r = self._recency.quintile(last_purchase)
+            f = self._frequency.quintile(purchases)
+            m = self._monetary.quintile(monetary)
             if row.ranked_layer is not None and row.ranked_ltv == ltv:
                 layer = row.ranked_layer
             else:
@@ -209,11 +216,16 @@ class AudienceEncoder:
         band, default = self._band(row.birth_year)
         tags: list[str] = []
         if self._tags:
-            kept = {"r": r, "f": f, "m": m, "purchases": purchases, "spend": monetary, "ltv": ltv}
+            kept: dict[str, Any] = {}
+            if self._kept_tags:
+                kept = {"r": r, "f": f, "m": m, "purchases": purchases, "spend": monetary}
+                kept["ltv"] = ltv
             for name, metric, days, op, value in self._tags:
                 measured: float | None
                 if days is not None:
-                    measured = getattr((windows or {}).get(days, _NO_WINDOW), metric)
+                    measured = getattr(
+                        windows.get(days, _NO_WINDOW) if windows else _NO_WINDOW, metric
+                    )
                 else:
                     measured = kept.get(metric)
                 if measured is not None and op(measured, value):
@@ -284,14 +296,17 @@ class AudienceEncoder:
         )
 
 
-def _quintile(value: Any, cuts: Sequence[Any]) -> int:
-    if value is None:
-        return 1
-    score = 1
-    for c in cuts:
-        if c is None or value > c:
-            score += 1
-    return score
+class _Thresholds:
+    """`domain.Cuts.quintile` by bisection: 1 + how many cuts are None or below the value."""
+
+    def __init__(self, cuts: Sequence[Any]) -> None:
+        self._none = sum(1 for c in cuts if c is None)
+        self._below = sorted(c for c in cuts if c is not None)
+
+    def quintile(self, value: Any) -> int:
+        if value is None:
+            return 1
+        return 1 + self._none + bisect.bisect_left(self._below, value)
 
 
 def _missing(default: Sequence[Any]) -> list[Any]:
