@@ -42,6 +42,7 @@ import argparse
 import asyncio
 import contextlib
 import cProfile
+import gc
 import os
 import resource
 import sys
@@ -212,6 +213,9 @@ async def bench(args: argparse.Namespace, url: str, bootstrap: str) -> dict[str,
         registry=default_registry(),
     )
     figures: dict[str, float] = {"participants": n}
+    # As a service does once started (shared/service.py): startup's objects out of the
+    # collector's sight.
+    gc.freeze()
     day_end = DAY_START + timedelta(days=1)
     try:
         # -- planning ------------------------------------------------------------------
