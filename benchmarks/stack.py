@@ -46,6 +46,8 @@ Prints a table; asserts nothing. `--json PATH` writes one flat JSON object:
     provider_calls                    calls the provider received (distinct touches)
     provider_repeats                  calls for a touch already called
     dispatch_s, dispatched_per_s      due time -> last provider call
+    dispatch_settled_s                due time -> every launch touch final in the plan
+                                      (delivery's results back in scheduling)
     due_first_ms, due_p50_ms, due_p99_ms, due_max_ms
                                       due time -> provider call
     launch_sent, launch_suppressed, launch_failed, launch_pending
@@ -404,6 +406,7 @@ async def scenario(
         if time.monotonic() > deadline:
             raise TimeoutError(f"dispatch did not finish before the timeout: {launch}")
         await asyncio.sleep(0.25)
+    settled_s = time.monotonic() - due_mono
     cpu = services_cpu(s) - cpu
     calls = len(provider.arrivals)
     lat = [(at - due_mono) * 1000 for at in provider.arrivals]
@@ -413,6 +416,7 @@ async def scenario(
         provider_repeats=provider.repeats,
         dispatch_s=round(dispatch_s, 2),
         dispatched_per_s=calls / dispatch_s if calls else 0.0,
+        dispatch_settled_s=round(settled_s, 2),
         due_first_ms=min(lat) if lat else math.nan,
         due_p50_ms=percentile(lat, 0.5),
         due_p99_ms=percentile(lat, 0.99),
