@@ -205,11 +205,15 @@ async def on_touches_due(
                 await conn.execute(select(d).where(_among(conn, d.c.touch_id, touch_ids)))
             ).all()
         }
+        # Lanes beyond the first exist only for parallel touches: most batches have none.
+        parallel = [t.touch_id for t in dues if domain.lane_count(t) > 1]
         lane_rows = {
             (r.touch_id, r.lane): r
             for r in (
-                await conn.execute(select(p).where(_among(conn, p.c.touch_id, touch_ids)))
-            ).all()
+                await conn.execute(select(p).where(_among(conn, p.c.touch_id, parallel)))
+                if parallel
+                else []
+            )
         }
         contacts = await load_contacts(conn, (t.user_id for t in dues))
     pending: list[Work] = []
