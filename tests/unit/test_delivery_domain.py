@@ -66,6 +66,9 @@ def test_coupons_are_long_random_and_distinct() -> None:
     codes = {domain.new_coupon_code() for _ in range(2000)}
     assert len(codes) == 2000
     assert all(len(c) == domain.COUPON_LENGTH for c in codes)
+    # Every letter of the 32 (a byte modulo 32 is uniform only for 32 letters) is used.
+    assert len(domain._COUPON_ALPHABET) == 32
+    assert set("".join(codes)) == set(domain._COUPON_ALPHABET)
 
 
 def test_choose_takes_the_first_available_channel_and_falls_back_past_tried() -> None:
