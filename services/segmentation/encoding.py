@@ -62,42 +62,53 @@ class Announce:
     ids: EventIds
 
 
-def activity_batch(items: Sequence[Mapping[str, Any]], announce: Announce | None = None) -> str:
-    """The JSON rows of a batch for `store.record_batch_postgres`, in order.
+@dataclass(frozen=True)
+class ActivityBatch:
+    """A batch for `store.record_batch_postgres`: the rows as one JSON array, in order, and
+    for an announced batch each row's `activity.recorded` CloudEvent (the outbox payload)."""
 
-    Each row holds an activity's fields (dicts of `api.ActivityCreate`); with `announce`
-    also its outbox lane and, as `payload`, its `activity.recorded` CloudEvent (as
-    `shared.events.encode` writes it), which PostgreSQL stores as the outbox payload.
-    One orjson call for the whole batch.
+    rows: str
+    payloads: list[bytes] | None = None
+
+
+def activity_batch(
+    items: Sequence[Mapping[str, Any]], announce: Announce | None = None
+) -> ActivityBatch:
+    """Validated activities (dicts of `api.ActivityCreate`) as an `ActivityBatch`.
+
+    With `announce` each row also holds its outbox lane, and each CloudEvent is written as
+    `shared.events.encode` writes it. The payloads stay apart from the JSON rows: PostgreSQL
+    would parse them as JSON for nothing.
     """
+    dumps = orjson.dumps
     if announce is None:
         rows: list[dict[str, Any]] = [_activity_fields(item) for item in items]
-    else:
-        stamp = announce.time.isoformat()
-        next_id = announce.ids.next
-        lane = announce.lane
-        source = announce.source
-        rows = []
-        for item in items:
-            data = _activity_fields(item)
-            user_id = data["user_id"]
-            rows.append(
+        return ActivityBatch(dumps(rows, option=orjson.OPT_NAIVE_UTC).decode())
+    stamp = announce.time.isoformat()
+    next_id = announce.ids.next
+    lane = announce.lane
+    source = announce.source
+    rows = []
+    payloads = []
+    for item in items:
+        data = _activity_fields(item)
+        user_id = data["user_id"]
+        rows.append({**data, "lane": lane(user_id)})
+        payloads.append(
+            dumps(
                 {
-                    **data,
-                    "lane": lane(user_id),
-                    "payload": {
-                        "specversion": SPEC_VERSION,
-                        "id": next_id(),
-                        "source": source,
-                        "type": ACTIVITY_TYPE,
-                        "time": stamp,
-                        "subject": user_id,
-                        "datacontenttype": "application/json",
-                        "data": data,
-                    },
+                    "specversion": SPEC_VERSION,
+                    "id": next_id(),
+                    "source": source,
+                    "type": ACTIVITY_TYPE,
+                    "time": stamp,
+                    "subject": user_id,
+                    "datacontenttype": "application/json",
+                    "data": data,
                 }
             )
-    return orjson.dumps(rows, option=orjson.OPT_NAIVE_UTC).decode()
+        )
+    return ActivityBatch(dumps(rows, option=orjson.OPT_NAIVE_UTC).decode(), payloads)
 
 
 def _activity_fields(item: Mapping[str, Any]) -> dict[str, Any]:

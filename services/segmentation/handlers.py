@@ -219,7 +219,7 @@ def _event_ids(ctx: ServiceContext) -> encoding.EventIds:
 async def _record_postgres(
     ctx: ServiceContext,
     items: Sequence[Mapping[str, Any]],
-    batch: str,
+    batch: encoding.ActivityBatch,
     *,
     now: datetime,
     topic: str | None,

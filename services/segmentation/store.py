@@ -38,6 +38,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.segmentation import domain
 from services.segmentation.config import SegmentationConfig
+from services.segmentation.encoding import ActivityBatch
 from shared.db import UtcDateTime, insert_ignore, upsert
 from shared.outbox import outbox_table
 
@@ -827,8 +828,9 @@ async def rebuild_aggregates(conn: AsyncConnection, start: date, now: datetime) 
 
 # -- activities on PostgreSQL: one set-based statement per batch --------------------------
 
-# The batch arrives as one JSON array of rows (`encoding.activity_batch`), in the order it
-# was sent: one parameter, where an array per column costs asyncpg checks per element. New
+# The batch arrives as one JSON array of rows (`encoding.ActivityBatch`), in the order it
+# was sent (one parameter: an array per column costs asyncpg a check per element), and for
+# REST batches the outbox payloads as one bytea array (JSON would have them parsed). New
 # activities (not seen before, not of an erased user from before the erasure) are inserted
 # and, from what the INSERT returned, folded into the aggregates and the monthly buckets
 # and, for REST batches, announced through the outbox - all in one statement and one round
@@ -841,12 +843,14 @@ _SIGNED = (
 _INTERACTIONS_SQL = ", ".join(f"'{k}'" for k in sorted(domain.INTERACTIONS))
 _RECORD_BATCH = f"""
 WITH input AS (
-    SELECT * FROM ROWS FROM (json_to_recordset(CAST(:batch AS json)) AS (
+    SELECT t.*, p.payload
+    FROM ROWS FROM (json_to_recordset(CAST(:batch AS json)) AS (
         id text, user_id text, kind text, occurred_at timestamptz, amount float8,
-        currency text, item_id text, category text, promotion_id text, lane smallint,
-        payload json
+        currency text, item_id text, category text, promotion_id text, lane smallint
     )) WITH ORDINALITY AS t(id, user_id, kind, occurred_at, amount, currency, item_id,
-                           category, promotion_id, lane, payload, position)
+                           category, promotion_id, lane, position)
+    LEFT JOIN unnest(CAST(:payloads AS bytea[])) WITH ORDINALITY AS p(payload, position)
+        ON p.position = t.position
 ),
 window_start AS (
     SELECT coalesce(
@@ -915,8 +919,7 @@ SELECT id FROM new
 _ANNOUNCE = f""",
 announced AS (
     INSERT INTO {SCHEMA}.{outbox.name} (lane, topic, key, payload, headers, created_at)
-    SELECT i.lane, CAST(:topic AS text), i.user_id, convert_to(i.payload::text, 'UTF8'),
-           CAST(NULL AS json),
+    SELECT i.lane, CAST(:topic AS text), i.user_id, i.payload, CAST(NULL AS json),
            CAST(:now AS timestamptz)
     FROM input i JOIN new n ON n.id = i.id
     ORDER BY i.position
@@ -955,7 +958,7 @@ FLAG_ABUSE = text(_FLAG_ABUSE)
 
 async def record_batch_postgres(
     conn: AsyncConnection,
-    batch: str,
+    batch: ActivityBatch,
     *,
     now: datetime,
     default_start: date,
@@ -963,10 +966,14 @@ async def record_batch_postgres(
 ) -> list[str]:
     """Insert, fold and (with `topic`) announce a batch; returns the ids that were new.
 
-    `batch`: the JSON of `encoding.activity_batch`, with lanes and payloads (the outbox
-    rows) for an announced batch.
+    An announced batch needs its lanes and payloads (`encoding.activity_batch`'s announce).
     """
-    params: dict[str, Any] = {"batch": batch, "now": now, "default_start": default_start}
+    params: dict[str, Any] = {
+        "batch": batch.rows,
+        "payloads": batch.payloads,
+        "now": now,
+        "default_start": default_start,
+    }
     if topic is None:
         result = await conn.execute(RECORD_BATCH, params)
     else:
