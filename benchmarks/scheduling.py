@@ -20,6 +20,9 @@ Creates and drops a database of its own. Prints figures; asserts nothing.
     touches_planned         timer rows written (5 per participant)
     plan_s, planned_per_s   planning wall time and touches planned per second
     plan_cpu_us_per_touch   CPU of this process per touch planned (PostgreSQL's not included)
+    plan_db_cpu_us_per_touch
+                            CPU of PostgreSQL's backends of the benchmark's database per touch
+                            planned (read from /proc: a server on this machine; NaN otherwise)
     relayed_events          touch.planned/suppressed events relayed to Kafka after planning
     relay_s, relayed_per_s  relay wall time and events per second
     due_today               touches due during the played day
@@ -30,6 +33,8 @@ Creates and drops a database of its own. Prints figures; asserts nothing.
     dispatched_per_s        dispatched / dispatch_s (caps, quiet hours, fatigue checked)
     dispatch_cpu_us_per_touch
                             CPU of this process (dispatchers and relay) per due touch
+    dispatch_db_cpu_us_per_touch
+                            CPU of PostgreSQL's backends per due touch, over the same span
     due_p50_ms, due_p99_ms, due_max_ms
                             due time -> touch.due received from Kafka
     peak_rss_mb             peak resident memory of the service process
@@ -43,6 +48,7 @@ import asyncio
 import contextlib
 import cProfile
 import gc
+import math
 import os
 import resource
 import sys
@@ -61,6 +67,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from benchmarks.metrics import backend_cpu_s, backend_pids
 from services.scheduling import dispatcher, planning, store
 from services.scheduling.config import SchedulingSettings
 from services.scheduling.state import stop_dispatchers
@@ -154,6 +161,14 @@ def profiled(path: str | None, phase: str) -> Iterator[None]:
         profile.dump_stats(f"{path}.{phase}.prof")
 
 
+async def db_cpu_since(url: str, before: dict[int, float]) -> float:
+    """CPU seconds of the database's backends since `before` (NaN without /proc figures)."""
+    after = backend_cpu_s(await backend_pids(url))
+    if not after:
+        return math.nan
+    return sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items())
+
+
 def percentile(values: Sequence[float], p: float) -> float:
     if not values:
         return float("nan")
@@ -226,10 +241,12 @@ async def bench(args: argparse.Namespace, url: str, bootstrap: str) -> dict[str,
             for first in starts:
                 await planning.on_audience_members(ctx, members(first, min(CHUNK, n - first), n))
 
+        db_cpu = backend_cpu_s(await backend_pids(url))
         started, cpu = time.perf_counter(), time.process_time()
         with profiled(args.profile, "plan"):
             await asyncio.gather(*(plan_partition() for _ in range(args.partitions)))
         plan_s, plan_cpu = time.perf_counter() - started, time.process_time() - cpu
+        plan_db_cpu = await db_cpu_since(url, db_cpu)
         t = store.touches
         async with db.connect() as conn:
             planned = int(await conn.scalar(select(func.count()).select_from(t)) or 0)
@@ -245,11 +262,13 @@ async def bench(args: argparse.Namespace, url: str, bootstrap: str) -> dict[str,
             plan_s=plan_s,
             planned_per_s=planned / plan_s,
             plan_cpu_us_per_touch=plan_cpu / planned * 1e6,
+            plan_db_cpu_us_per_touch=plan_db_cpu / planned * 1e6,
         )
         print(f"scheduling benchmark: {n:,} participants, PostgreSQL + Kafka, one process")
         print(
             f"  planned     {planned:>10,} touches in {plan_s:6.1f} s = {planned / plan_s:>9,.0f}/s"
-            f"; this process's CPU {figures['plan_cpu_us_per_touch']:.1f} us/touch"
+            f"; CPU per touch: this process {figures['plan_cpu_us_per_touch']:.1f} us,"
+            f" PostgreSQL {figures['plan_db_cpu_us_per_touch']:.1f} us"
         )
         # -- relaying the touch.planned events ----------------------------------------
         started = time.perf_counter()
@@ -268,6 +287,7 @@ async def bench(args: argparse.Namespace, url: str, bootstrap: str) -> dict[str,
             observer = await start_observer(bootstrap, settings.topic("touches"), out)
             seconds = due_total / rate
             clock.speed = 86400 / seconds
+            db_cpu = backend_cpu_s(await backend_pids(url))
             cpu = time.process_time()
             with profiled(args.profile, "dispatch"):
                 await outbox.start()
@@ -291,6 +311,7 @@ async def bench(args: argparse.Namespace, url: str, bootstrap: str) -> dict[str,
                             break
                         await asyncio.sleep(0.2)
                 dispatch_cpu = time.process_time() - cpu
+            dispatch_db_cpu = await db_cpu_since(url, db_cpu)
             await stop_dispatchers(ctx)
             for task in tasks:
                 task.cancel()
@@ -326,6 +347,7 @@ async def bench(args: argparse.Namespace, url: str, bootstrap: str) -> dict[str,
             due_p99_ms=percentile(latencies, 0.99) * 1000,
             due_max_ms=max(latencies or [0]) * 1000,
             dispatch_cpu_us_per_touch=dispatch_cpu / max(1, due_total) * 1e6,
+            dispatch_db_cpu_us_per_touch=dispatch_db_cpu / max(1, due_total) * 1e6,
         )
         print(
             f"  due today   {due_total:>10,} touches; the day played in {seconds:.0f} s "
@@ -337,7 +359,8 @@ async def bench(args: argparse.Namespace, url: str, bootstrap: str) -> dict[str,
         )
         print(
             f"  this process's CPU while dispatching (dispatchers and outbox relay): "
-            f"{figures['dispatch_cpu_us_per_touch']:.1f} us per due touch"
+            f"{figures['dispatch_cpu_us_per_touch']:.1f} us per due touch; PostgreSQL's "
+            f"{figures['dispatch_db_cpu_us_per_touch']:.1f} us"
         )
         print(
             f"  due -> touch.due on Kafka: p50 {figures['due_p50_ms']:,.0f} ms, "
