@@ -71,6 +71,7 @@ class EventConsumer:
         max_attempts: int = 5,
         backoff: Backoff | None = None,
         transient: Callable[[BaseException], bool] = is_transient,
+        skip: Callable[[Message], bool] | None = None,
     ) -> None:
         self.service = service
         self.group = group
@@ -87,10 +88,15 @@ class EventConsumer:
         self.max_attempts = max_attempts
         self.backoff = backoff or Backoff()
         self.transient = transient
+        # Messages passed by undecoded (a service's own events, applied when it made them).
+        self.skip = skip
 
     async def __call__(self, batch: Sequence[Message]) -> None:
         run: list[tuple[Message, Event[Any]]] = []
+        skip = self.skip
         for message in batch:
+            if skip is not None and skip(message):
+                continue
             event = await self._decode(message)
             if event is None or type(event.data) not in self.handlers:
                 # Topics carry several event types; the ones this service does not need pass by.

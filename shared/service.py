@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from sqlalchemy import MetaData, Table
 
 from shared.auth import install_auth
-from shared.bus import Bus, Consumer
+from shared.bus import Bus, Consumer, Message
 from shared.bus.memory import InProcessBus
 from shared.clock import Clock, clock_router, make_clock
 from shared.consumer import BatchEventHandler, EventConsumer, EventHandler
@@ -66,6 +66,10 @@ def _no_workers(ctx: ServiceContext) -> Sequence[Worker]:
     return ()
 
 
+def _skip_nothing(ctx: ServiceContext) -> Callable[[Message], bool] | None:
+    return None
+
+
 @dataclass(frozen=True)
 class ServiceSpec:
     name: str
@@ -78,6 +82,8 @@ class ServiceSpec:
         _no_batch_handlers
     )
     workers: Callable[[ServiceContext], Sequence[Worker]] = _no_workers
+    # Consumed messages to pass by without decoding them (see EventConsumer's `skip`).
+    skip: Callable[[ServiceContext], Callable[[Message], bool] | None] = _skip_nothing
     # Most messages handed to the handlers per poll: a service whose cost is mostly per
     # transaction (one per batch) counts more per second with larger batches.
     consumer_max_batch: int = 500
@@ -189,6 +195,7 @@ def create_service_app(
                     topic_name=settings.topic,
                     sink=metrics,
                     max_attempts=settings.consumer_max_attempts,
+                    skip=spec.skip(ctx),
                 )
                 consumer = the_bus.consumer(
                     runner.group, runner.topics, runner, max_batch=spec.consumer_max_batch

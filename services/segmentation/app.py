@@ -43,6 +43,7 @@ def build_spec(config: SegmentationConfig | None = None) -> ServiceSpec:
         handlers=event_handlers,
         batch_handlers=batch_handlers,
         workers=workers,
+        skip=handlers.own_activities,
     )
 
 

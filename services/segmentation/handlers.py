@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+import orjson
 from sqlalchemy import BigInteger, func, literal, select, update
 
 from services.segmentation import domain, encoding, store
 from services.segmentation.config import SegmentationConfig, load_config
-from shared.bus.base import OutMessage
+from shared.bus.base import Message, OutMessage
 from shared.db import insert_ignore, upsert
 from shared.events import (
     ActivityRecorded,
@@ -209,6 +211,23 @@ def _activity(item: Mapping[str, Any]) -> domain.Activity:
     )
 
 
+# Marks the `activity.recorded` events of REST batches: they were applied when accepted, so
+# this service's consumer passes them by undecoded (`own_activities`).
+APPLIED_BY = "afterglow-applied-by"
+
+
+def _applied_by_header(ctx: ServiceContext) -> str:
+    """The outbox headers (as the outbox stores them) of events this service applied itself."""
+    value = base64.b64encode(ctx.outbox.source.encode()).decode("ascii")
+    return orjson.dumps([[APPLIED_BY, value]]).decode()
+
+
+def own_activities(ctx: ServiceContext) -> Callable[[Message], bool]:
+    """Whether a consumed message is an event this service applied before publishing it."""
+    mark = (APPLIED_BY, ctx.outbox.source.encode())
+    return lambda message: mark in message.headers
+
+
 def _event_ids(ctx: ServiceContext) -> encoding.EventIds:
     ids = ctx.extras.get(EVENT_IDS_KEY)
     if not isinstance(ids, encoding.EventIds):
@@ -234,6 +253,7 @@ async def _record_postgres(
                 now=now,
                 default_start=domain.ltv_window_start(now, config.ltv.window_months),
                 topic=topic,
+                headers=None if topic is None else _applied_by_header(ctx),
             )
         )
         purchases = [
@@ -376,7 +396,8 @@ async def on_activities(ctx: ServiceContext, events: list[Event[Any]]) -> None:
     """Activities from the `activities` topic: the same path as the REST batch.
 
     Events segmentation published itself (REST-ingested activities) were applied when
-    they were accepted: they are skipped here, not counted twice.
+    they were accepted: they are skipped here, not counted twice (those marked with
+    `APPLIED_BY` are not even decoded: see `own_activities`).
     """
     own = ctx.outbox.source
     foreign = [activity_of(e.data) for e in events if e.source != own]

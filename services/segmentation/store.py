@@ -919,7 +919,7 @@ SELECT id FROM new
 _ANNOUNCE = f""",
 announced AS (
     INSERT INTO {SCHEMA}.{outbox.name} (lane, topic, key, payload, headers, created_at)
-    SELECT i.lane, CAST(:topic AS text), i.user_id, i.payload, CAST(NULL AS json),
+    SELECT i.lane, CAST(:topic AS text), i.user_id, i.payload, CAST(:headers AS json),
            CAST(:now AS timestamptz)
     FROM input i JOIN new n ON n.id = i.id
     ORDER BY i.position
@@ -963,10 +963,12 @@ async def record_batch_postgres(
     now: datetime,
     default_start: date,
     topic: str | None,
+    headers: str | None = None,
 ) -> list[str]:
     """Insert, fold and (with `topic`) announce a batch; returns the ids that were new.
 
-    An announced batch needs its lanes and payloads (`encoding.activity_batch`'s announce).
+    An announced batch needs its lanes and payloads (`encoding.activity_batch`'s announce);
+    `headers`: the outbox rows' headers, as the outbox stores them (JSON).
     """
     params: dict[str, Any] = {
         "batch": batch.rows,
@@ -977,7 +979,9 @@ async def record_batch_postgres(
     if topic is None:
         result = await conn.execute(RECORD_BATCH, params)
     else:
-        result = await conn.execute(RECORD_BATCH_ANNOUNCED, {**params, "topic": topic})
+        result = await conn.execute(
+            RECORD_BATCH_ANNOUNCED, {**params, "topic": topic, "headers": headers}
+        )
     return list(result.scalars())
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -22,9 +23,10 @@ from sqlalchemy import select
 
 from services.segmentation import handlers, store
 from services.segmentation.app import SPEC
-from shared.bus.base import OutMessage
+from shared.bus.base import Message, OutMessage
 from shared.bus.memory import InProcessBus
 from shared.clock import ManualClock
+from shared.consumer import EventConsumer
 from shared.events import (
     ActivityRecorded,
     AudienceMemberResolved,
@@ -302,8 +304,17 @@ async def test_rest_activities_are_published_once_and_not_folded_again(service: 
     )
     assert again.json() == {"received": 3, "recorded": 1, "duplicates": 2}
     await service.drained()
-    events = [REGISTRY.decode(m.value) for m in service.bus.messages("activities")]
+    messages = service.bus.messages("activities")
+    events = [REGISTRY.decode(m.value) for m in messages]
     assert sorted(e.data.id for e in events) == ["a-1", "a-2", "a-3", "a-9"]
+    own_message = handlers.own_activities(service.ctx)
+    if service.ctx.db.is_postgres:
+        # Marked as applied here: segmentation's consumer passes them by undecoded.
+        assert all(own_message(m) for m in messages)
+    assert not own_message(dataclasses.replace(messages[0], headers=()))
+    assert not own_message(
+        dataclasses.replace(messages[0], headers=((handlers.APPLIED_BY, b"afterglow/metrics"),))
+    )
     assert {e.source for e in events} == {service.ctx.outbox.source}
     assert {e.type for e in events} == {ActivityRecorded.event_type()}
     by_id = {e.data.id: e.data for e in events}
@@ -341,6 +352,36 @@ async def test_rest_activities_are_published_once_and_not_folded_again(service: 
     await service.drained()
     assert (await aggregate()).purchases == 5
     assert len(service.bus.messages("activities")) == 4
+
+
+async def test_the_consumer_passes_marked_messages_by_undecoded(service: Service) -> None:
+    """A message marked as applied by this service never reaches a handler; the others do."""
+    seen: list[str] = []
+
+    async def record(events: list[Any]) -> None:
+        seen.extend(e.data.id for e in events)
+
+    consumer = EventConsumer(
+        service="segmentation",
+        group="g",
+        bus=service.bus,
+        registry=REGISTRY,
+        batch_handlers={ActivityRecorded: record},
+        skip=handlers.own_activities(service.ctx),
+    )
+    mark = ((handlers.APPLIED_BY, service.ctx.outbox.source.encode()),)
+    marked = ActivityRecorded(id="m-1", user_id="u", kind="visit", occurred_at=NOW)
+    foreign = ActivityRecorded(id="f-1", user_id="u", kind="visit", occurred_at=NOW)
+    batch = [
+        Message("activities", 0, 0, "u", _event_bytes(marked), mark),
+        Message("activities", 0, 1, "u", _event_bytes(foreign)),
+    ]
+    await consumer(batch)
+    assert seen == ["f-1"]
+
+
+def _event_bytes(data: ActivityRecorded) -> bytes:
+    return encode(data, source="afterglow/elsewhere", time=NOW)
 
 
 async def test_a_rebuild_recounts_what_the_batches_folded(service: Service) -> None:
