@@ -55,7 +55,10 @@ Prints a table; asserts nothing. `--json PATH` writes one flat JSON object:
     users_cpu_ms_per_user             CPU of the four services per user (PUT and user.updated)
     ingest_cpu_us_per_activity        the same per activity (ingest, relay, metrics)
     plan_cpu_us_per_touch             the same per touch planned (audience, planning, relay)
-    dispatch_cpu_us_per_touch         the same per provider call, during dispatch
+    dispatch_cpu_us_per_touch         the same per provider call, from due time until
+                                      dispatch_settled_s (idle polling included)
+    idle_cpu_pct                      CPU the four services use when nothing happens,
+                                      percent of one core (measured before dispatch)
                                       (CPU per item is much less distorted by other load
                                       on the machine than the wall-clock rates)
     <service>_peak_rss_mb             peak resident memory of each service process
@@ -390,6 +393,11 @@ async def scenario(
     await settle(s, deadline)
     # With the relay of touch.planned and what the other services do with it.
     f["plan_cpu_us_per_touch"] = (services_cpu(s) - cpu) / planned * 1e6 if planned else math.nan
+
+    # What the four services spend doing nothing (polling), to judge the CPU figures by.
+    cpu = services_cpu(s)
+    await asyncio.sleep(2.0)
+    f["idle_cpu_pct"] = (services_cpu(s) - cpu) / 2.0 * 100
 
     say(f"dispatch: {launch['planned']:,} launch touches due at once")
     cpu = services_cpu(s)
