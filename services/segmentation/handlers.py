@@ -617,7 +617,9 @@ async def emit_audience(
     )
     topic = ctx.topic(AudienceMemberResolved.topic)
     size = config.audience_chunk
-    query = store.audience_query(promotion_id, state.cursor).execution_options(yield_per=size)
+    query = store.audience_query(
+        promotion_id, state.cursor, postgres=ctx.db.is_postgres
+    ).execution_options(yield_per=size)
 
     async def next_chunk(partitions: Any) -> _Chunk | None:
         rows = await anext(partitions, None)

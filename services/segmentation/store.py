@@ -12,6 +12,7 @@ from sqlalchemy import (
     Boolean,
     Column,
     Date,
+    DateTime,
     Float,
     Index,
     Integer,
@@ -622,16 +623,22 @@ async def erased_among(conn: AsyncConnection, user_ids: Sequence[str]) -> dict[s
     return {row.user_id: row.erased_at for row in rows}
 
 
-def _scoring_columns() -> list[Any]:
-    """What a segment is computed from: profile age, kept aggregates, the last ranking."""
+def _scoring_columns(driver_times: bool = False) -> list[Any]:
+    """What a segment is computed from: profile age, kept aggregates, the last ranking.
+
+    `driver_times`: the timestamps as the driver returns them (asyncpg: aware, in UTC),
+    without `UtcDateTime`'s conversion per value.
+    """
     u, a, s = users.c, aggregates.c, user_scores.c
+    times: list[Any] = [a.last_purchase_at, a.last_interaction_at]
+    if driver_times:
+        times = [type_coerce(t, DateTime(timezone=True)).label(t.name) for t in times]
     return [
         u.birth_year,
         a.purchases,
         a.monetary,
         a.ltv,
-        a.last_purchase_at,
-        a.last_interaction_at,
+        *times,
         a.abuse_review,
         s.value_layer.label("ranked_layer"),
         s.ltv.label("ranked_ltv"),
@@ -652,10 +659,13 @@ def segment_query(user_id: str) -> Any:
     )
 
 
-def audience_query(promotion_id: str, cursor: str | None, limit: int | None = None) -> Any:
+def audience_query(
+    promotion_id: str, cursor: str | None, limit: int | None = None, *, postgres: bool = False
+) -> Any:
     """Participants after `cursor` with everything their snapshot needs, in user id order.
 
-    Addresses and consent come as their JSON text (parsed with orjson by the encoder).
+    Addresses and consent come as their JSON text (parsed with orjson by the encoder); on
+    `postgres` the timestamps as asyncpg returns them (aware UTC already).
     """
     p, u, a, s = participants.c, users.c, aggregates.c, user_scores.c
     query = (
@@ -665,7 +675,7 @@ def audience_query(promotion_id: str, cursor: str | None, limit: int | None = No
             u.locale,
             type_coerce(u.addresses, Text).label("addresses"),
             type_coerce(u.consent, Text).label("consent"),
-            *_scoring_columns(),
+            *_scoring_columns(driver_times=postgres),
         )
         .select_from(
             participants.outerjoin(users, u.user_id == p.user_id)
