@@ -207,7 +207,7 @@ async def _load_pg(conn: AsyncConnection, batch: int, now: datetime) -> _Loaded 
     ) in await driver.fetch(_USERS_PG, user_ids):
         view = views[uid]
         view.timezone = tz or "UTC"
-        view.consent = orjson.loads(consent) if consent else {}
+        view.consent = (orjson.loads(consent) if consent else None) or {}
         view.erased = erased_at is not None
         if fatigue != "normal" or paused or unanswered or engaged is not None:
             view.fatigue = domain.FatigueState(

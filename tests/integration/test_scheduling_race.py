@@ -5,10 +5,18 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
+import pytest
+from sqlalchemy import select, text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from services.scheduling import dispatcher, store
 from services.scheduling.config import SchedulingSettings
 from services.scheduling.policy import default_policy
+from services.scheduling.state import user_lock_key
 from shared.events import AudienceMemberResolved, TouchDue, TouchSuppressed
+from shared.service import ServiceContext
 from tests.integration.scheduling_harness import days, scheduling
 
 END = datetime(2026, 3, 6, 12, 0, tzinfo=UTC)
@@ -70,3 +78,50 @@ async def test_racing_dispatchers_never_double_send_nor_exceed_caps(
         for user, times in sends.items():
             assert not over_cap(times, timedelta(days=7), 2), (user, sorted(times))
             assert not over_cap(times, timedelta(days=30), 5), (user, sorted(times))
+
+
+async def test_a_dispatch_holds_its_touches_and_users_until_it_commits(
+    fresh_postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What keeps racing replicas apart: while one dispatch decides, the touches it claimed
+    and its users' locks stay held by its transaction, not only during the claim statement."""
+    config = SchedulingSettings(dispatchers=0)
+    async with scheduling(fresh_postgres_url, END, config=config) as service:
+        users = [f"u-{i}" for i in range(20)]
+        await service.publish(
+            *(
+                AudienceMemberResolved(
+                    user_id=user, promotion_id="p-1", ended_at=END, consent=CONSENT
+                )
+                for user in users
+            )
+        )
+
+        async def planned() -> bool:
+            return await service.planned_members() == len(users)
+
+        await service.wait_for(planned)
+        service.clock.set(END + days(1))
+        t = store.touches
+        due = select(t.c.user_id).where(t.c.status == "planned", t.c.due_at <= service.clock.now())
+        async with service.ctx.db.connect() as conn:
+            due_users = set((await conn.execute(due)).scalars())
+        assert due_users
+        seen: dict[str, Any] = {}
+        decide = dispatcher._promotions
+
+        async def probing(ctx: ServiceContext, conn: AsyncConnection, ids: set[str]) -> Any:
+            async with ctx.db.connect() as other:
+                free = await other.execute(due.with_for_update(skip_locked=True))
+                seen["free"] = list(free.scalars())
+                seen["users"] = [
+                    await other.scalar(
+                        text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": user_lock_key(u)}
+                    )
+                    for u in sorted(due_users)
+                ]
+            return await decide(ctx, conn, ids)
+
+        monkeypatch.setattr(dispatcher, "_promotions", probing)
+        assert await dispatcher.dispatch_once(service.ctx, batch=100) == len(due_users)
+        assert seen == {"free": [], "users": [False] * len(due_users)}
