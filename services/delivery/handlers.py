@@ -6,7 +6,11 @@ coupon - and only then calls the providers, all at once (bounded by the
 runtime's limiter); the next round's transaction settles the answers and
 records the fallbacks. A crash after a call and before its settlement leaves
 the touch in `sending`: the redelivered event repeats that very call with the
-same Idempotency-Key, and a touch once `sent` or `failed` is never called again.
+same Idempotency-Key, and a touch once `sent` or `failed` is never called again. A
+database that is down or restarting when the answers come back costs no second call:
+the answers are kept and their round is written once the database is back
+(`_keep_answers`). A call that raises anything unexpected is a failed try of its lane
+alone.
 
 A touch with `parallel` = n goes out on n channels at once: n lanes, each a call of its
 own with its own fallback along the rest of the list (a lane never takes a channel
