@@ -29,7 +29,9 @@ Then, through the public REST API only:
 Between the steps it waits until every service's bus counters stand still. At the end it
 reads each service process's peak resident memory (VmHWM) and CPU time from /proc. The
 database and the topics are dropped afterwards, and the processes stopped, on any exit
-(SIGTERM and SIGINT included); `--timeout` bounds the whole run.
+(SIGTERM and SIGINT included; after a SIGKILL the services still get SIGTERM from the
+kernel as their parent dies, but the `bench_stack_*` database stays); `--timeout` bounds
+the whole run.
 
 Needs AFTERGLOW_DATABASE_URL (PostgreSQL) and AFTERGLOW_KAFKA_BOOTSTRAP_SERVERS (`make up`).
 Prints a table; asserts nothing. `--json PATH` writes one flat JSON object:
@@ -57,10 +59,10 @@ Prints a table; asserts nothing. `--json PATH` writes one flat JSON object:
     plan_cpu_us_per_touch             the same per touch planned (audience, planning, relay)
     dispatch_cpu_us_per_touch         the same per provider call, from due time until
                                       dispatch_settled_s (idle polling included)
-    idle_cpu_pct                      CPU the four services use when nothing happens,
-                                      percent of one core (measured before dispatch)
                                       (CPU per item is much less distorted by other load
                                       on the machine than the wall-clock rates)
+    idle_cpu_pct                      CPU the four services use when nothing happens,
+                                      percent of one core (measured before dispatch)
     <service>_peak_rss_mb             peak resident memory of each service process
     <service>_cpu_s                   CPU time of each service process over the whole run
     driver_peak_rss_mb                this process (the client and the provider)
