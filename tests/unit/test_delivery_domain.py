@@ -229,3 +229,16 @@ async def test_a_retry_takes_the_next_turn_of_the_limiter() -> None:
     gate.set()
     await asyncio.gather(*tasks)
     assert order == ["first", "retry", "a", "b"] and limiter.in_use == 0
+
+
+def test_a_server_going_away_or_starting_up_is_waited_for_a_broken_statement_is_not() -> None:
+    """Answers in hand are kept through these (handlers._keep_answers), not through bugs."""
+    from asyncpg import exceptions as pg
+
+    from services.delivery.handlers import database_unreachable
+
+    assert database_unreachable(pg.CannotConnectNowError("the database system is starting up"))
+    assert database_unreachable(pg.AdminShutdownError("terminating connection"))
+    assert database_unreachable(ConnectionRefusedError(111, "Connect call failed"))
+    assert not database_unreachable(pg.UniqueViolationError("duplicate key"))
+    assert not database_unreachable(ValueError("a bug"))
