@@ -98,7 +98,8 @@ class ServiceSpec:
         return create_service_app(self, settings, bus=bus, clock=clock)
 
 
-def get_context(request: Request) -> ServiceContext:
+async def get_context(request: Request) -> ServiceContext:
+    # async: FastAPI runs a plain `def` dependency in its thread pool, a thread hop per request.
     ctx: ServiceContext | None = getattr(request.app.state, "ctx", None)
     if ctx is None:
         raise Problem(status=503, title="Service starting", detail="the service is not ready yet")
