@@ -16,6 +16,7 @@ Out-of-order events stay exact:
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import random
 import zlib
@@ -67,11 +68,20 @@ HANDLED = (
     ActivityRecorded,
 )
 
-Key = tuple[str, datetime, str, str, str, str, str]
+# promotion, minute (minutes since the epoch), wave, channel, segment, variant, measure
+Key = tuple[str, int, str, str, str, str, str]
 
 
-def minute_of(at: datetime) -> datetime:
-    return at.astimezone(UTC).replace(second=0, microsecond=0)
+def minute_of(at: datetime) -> int:
+    """`at`'s minute as whole minutes since the epoch: an int keys, hashes and sorts several
+    times faster than an aware datetime (whose every comparison asks its offset)."""
+    return int(at.timestamp()) // 60
+
+
+@functools.lru_cache(maxsize=4096)
+def minute_at(minute: int) -> datetime:
+    """The UTC datetime of a minute_of value."""
+    return datetime.fromtimestamp(minute * 60, UTC)
 
 
 def window_of(ctx: ServiceContext) -> timedelta:
@@ -402,7 +412,7 @@ class Batch:
             row = {
                 "touch_id": touch["touch_id"],
                 "seq": random.getrandbits(62),
-                "minute": minute,
+                "minute": minute_at(minute),
                 "channel": channel,
                 "measure": measure,
                 "value": value,
@@ -433,16 +443,21 @@ class Batch:
         self.deltas.clear()
         if not changes:
             return
-        if conn.dialect.name == "postgresql":
-            rows = [
-                dict(zip(store.COUNT_KEY, k, strict=True), **changes[k]) for k in sorted(changes)
-            ]
-        else:  # executemany: every row names every column
-            zeros = dict.fromkeys(_MEASURE_COLUMNS, 0.0)
-            rows = [
-                {**dict(zip(store.COUNT_KEY, k, strict=True)), **zeros, **changes[k]}
-                for k in sorted(changes)
-            ]
+        # executemany (SQLite): every row names every column; PostgreSQL: those it changes.
+        zeros = {} if conn.dialect.name == "postgresql" else dict.fromkeys(_MEASURE_COLUMNS, 0.0)
+        rows = [
+            {
+                "promotion_id": k[0],
+                "minute": minute_at(k[1]),
+                "wave": k[2],
+                "channel": k[3],
+                "segment": k[4],
+                "variant": k[5],
+                **zeros,
+                **changes[k],
+            }
+            for k in sorted(changes)
+        ]
         await bulk(conn, rows, _ADD, _ADD_ARRAYS)
 
     # -- events ---------------------------------------------------------------
@@ -481,7 +496,8 @@ class Batch:
     def _settle_segment(self, touch: dict[str, Any], segment: str) -> None:
         moved = self.pending.pop(touch["touch_id"], [])
         for row, written in moved:
-            base = (touch["promotion_id"], row["minute"], touch["wave"], row["channel"])
+            minute = minute_of(row["minute"])
+            base = (touch["promotion_id"], minute, touch["wave"], row["channel"])
             tail = (touch["variant"], row["measure"])
             self.add((*base, "", *tail), -row["value"])
             self.add((*base, segment, *tail), row["value"])
