@@ -27,8 +27,9 @@ funnel is timed on it.
 `--json PATH` also writes the figures as one flat JSON object:
 participants, events, encode_s, publish_events_per_s, all_counted (bool),
 aggregate_events_per_s, aggregate_s, catch_up_s, startup_s, cpu_us_per_event (this process
-while it counts), db_cpu_us_per_event (PostgreSQL's backends of the benchmark's database,
-read from /proc: same host only) (these six null when not all counted), peak_lag,
+while it counts), gc_us_per_event (of which in the garbage collector), db_cpu_us_per_event
+(PostgreSQL's backends of the benchmark's database, read from /proc: same host only) (these
+seven null when not all counted), peak_lag,
 seed_model_matches (bool), funnel_p50_ms / funnel_p99_ms (group_by=wave, at `participants`),
 funnel_channel_p50_ms / funnel_channel_p99_ms (group_by=wave,channel),
 funnel_participants, funnel_rows (aggregate rows of that promotion),
@@ -46,6 +47,7 @@ import argparse
 import asyncio
 import contextlib
 import cProfile
+import gc
 import json
 import math
 import os
@@ -290,6 +292,33 @@ async def backend_pids(url: str) -> set[int]:
         await engine.dispose()
 
 
+class GcTimer:
+    """Seconds spent in the cyclic garbage collector since `start`."""
+
+    def __init__(self) -> None:
+        self.spent = 0.0
+        self._began = 0.0
+        self.running = False
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        if not self.running:
+            return
+        if phase == "start":
+            self._began = time.perf_counter()
+        else:
+            self.spent += time.perf_counter() - self._began
+
+    def start(self) -> None:
+        self.running = True
+        gc.callbacks.append(self)
+
+    def stop(self) -> float:
+        self.running = False
+        if self in gc.callbacks:
+            gc.callbacks.remove(self)
+        return self.spent
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
@@ -352,6 +381,7 @@ async def main_async(args: argparse.Namespace, url: str, bootstrap: str) -> dict
         next_funnel = 0.0
         profile = cProfile.Profile() if args.profile else None
         cpu_at_first = 0.0
+        gc_timer = GcTimer()
         db_cpu_at_first: dict[int, float] = {}
         while time.perf_counter() < deadline:
             now = time.perf_counter()
@@ -359,6 +389,7 @@ async def main_async(args: argparse.Namespace, url: str, bootstrap: str) -> dict
             if first_consumed is None and consumed:
                 first_consumed = now
                 cpu_at_first = time.process_time()
+                gc_timer.start()
                 db_cpu_at_first = backend_cpu_s(await backend_pids(url))
                 if profile is not None:
                     profile.enable()
@@ -372,6 +403,7 @@ async def main_async(args: argparse.Namespace, url: str, bootstrap: str) -> dict
                 if counted == expected:
                     done_at = time.perf_counter()
                     figures["cpu_s"] = time.process_time() - cpu_at_first
+                    figures["gc_s"] = gc_timer.stop()
                     # Backends opened meanwhile count whole; closed ones are missed.
                     db_cpu = backend_cpu_s(await backend_pids(url))
                     figures["db_cpu_s"] = sum(
@@ -465,6 +497,7 @@ def flat(args: argparse.Namespace, f: dict[str, Any], peak_mb: float) -> dict[st
         "startup_s": round(f["startup_s"], 3) if done else None,
         "cpu_us_per_event": round(f["cpu_s"] / events * 1e6, 1) if done else None,
         "db_cpu_us_per_event": round(f["db_cpu_s"] / events * 1e6, 1) if done else None,
+        "gc_us_per_event": round(f["gc_s"] / events * 1e6, 1) if done else None,
         "peak_lag": f["peak_lag"],
         "seed_model_matches": f["seed_model_matches"],
         "funnel_participants": args.funnel_participants,
@@ -497,6 +530,7 @@ def report(args: argparse.Namespace, f: dict[str, Any], peak_mb: float) -> None:
         )
         print(
             f"  CPU       {f['cpu_s'] / events * 1e6:>10.1f} us/event in this process, "
+            f"({f['gc_s'] / events * 1e6:.1f} of them collecting garbage), "
             f"{f['db_cpu_s'] / events * 1e6:.1f} us/event in PostgreSQL's backends "
             f"(load average {', '.join(f'{x:.2f}' for x in os.getloadavg())})"
         )
