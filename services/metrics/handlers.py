@@ -737,7 +737,9 @@ async def apply(
     conn: AsyncConnection, events: Sequence[Event[Any]], window: timedelta, now: datetime
 ) -> int:
     """Count the events not seen before on `conn`; returns how many were new."""
-    ids = list(dict.fromkeys(e.id for e in events))
+    # In id order: two replicas recording overlapping ids (a redelivery after a rebalance)
+    # wait for each other's rows in the same order, never in a deadlock.
+    ids = sorted({e.id for e in events})
     if not ids:
         return 0
     seen = [{"event_id": i, "seen_at": now} for i in ids]
