@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     run.set_defaults(run=_run)
 
     demo = commands.add_parser("demo", help="embedded mode: all four services in one process")
-    demo.add_argument("--users", type=int, default=1000)
+    demo.add_argument("--users", type=int, default=3000, help="synthetic users (default 3000)")
     demo.add_argument("--serve", action="store_true", help="keep the services up afterwards")
     demo.add_argument("--workdir", default=None, help="where the SQLite files go (default: temp)")
     demo.set_defaults(run=_demo)
