@@ -26,8 +26,12 @@ releases the lock. The next owner's SELECT runs after that commit (READ
 COMMITTED takes a snapshot per statement, after the lock was granted), so it
 sees the deletions: it neither republishes nor overtakes the previous batch.
 Two replicas therefore never publish the same lane concurrently, and a key's
-events leave in id order. Lanes let replicas share the work (different lanes
-in parallel) while the per-lane lock keeps each key serial.
+events leave in id order. On PostgreSQL a round takes, in one transaction,
+every lane whose lock it gets, reads their oldest rows by id (so each lane's
+share is a prefix of that lane), publishes them in one call and deletes them:
+one broker round trip and one commit a round instead of one per lane. Lanes
+let replicas share the work (different lanes in parallel) while the per-lane
+lock keeps each key serial.
 
 Ids come from a sequence when the row is inserted, and transactions may
 commit out of id order: a row whose id is smaller than one already published
@@ -74,6 +78,7 @@ from sqlalchemy import (
     func,
     literal,
     select,
+    text,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -88,6 +93,12 @@ DEFAULT_TABLE = "outbox"
 MAX_BACKOFF_S = 5.0
 _DELETE_CHUNK = 500
 _ID_ARRAY = ARRAY(BigInteger)
+_LANE_ARRAY = ARRAY(SmallInteger)
+# The lanes (of those asked) whose transaction lock this transaction got.
+_TRY_LOCK_LANES = text(
+    "SELECT lane FROM unnest(CAST(:lanes AS smallint[]), CAST(:keys AS bigint[])) AS l(lane, key)"
+    " WHERE pg_try_advisory_xact_lock(key)"
+)
 
 
 def outbox_columns() -> list[Column[Any]]:
@@ -251,22 +262,30 @@ class Outbox:
             return sorted(int(lane) for (lane,) in result.all())
 
     async def relay_once(self) -> int:
-        """Publish up to `batch` of the oldest messages of every lane; return how many.
+        """Publish the oldest messages of every lane (up to `batch` a lane, on average:
+        on PostgreSQL the lanes go together); return how many.
 
-        Database errors propagate. A PublishError leaves the lane's rows in place
+        Database errors propagate. A PublishError leaves the lanes' rows in place
         and ends this round with what was published so far; `last_error` tells
         how the last round ended (None: fine).
         """
         published = 0
         try:
-            for lane in await self._lanes_with_rows():
+            lanes = await self._lanes_with_rows()
+            if self.db.is_postgres and len(lanes) > 1:
+                # One transaction for every lane it can lock: one publish and one commit a
+                # round, instead of one per lane, each waiting for the broker in turn.
+                rounds: list[list[int]] = [lanes]
+            else:
+                rounds = [[lane] for lane in lanes]
+            for owned in rounds:
                 try:
-                    count = await self._relay_lane(lane)
+                    count = await self._relay_lanes(owned)
                 except PublishError as exc:
                     self._failed(exc)
                     log.warning(
                         "outbox publish failed; messages stay in the outbox",
-                        extra={"table": self.table.fullname, "lane": lane, "error": str(exc)},
+                        extra={"table": self.table.fullname, "lanes": owned, "error": str(exc)},
                     )
                     return published
                 published += count
@@ -281,20 +300,28 @@ class Outbox:
         self.last_error = exc
         self.errors_total += 1
 
-    async def _relay_lane(self, lane: int) -> int:
+    async def _relay_lanes(self, lanes: list[int]) -> int:
+        """Publish the oldest rows of these lanes (up to `batch` a lane) in one transaction
+        that owns each lane it publishes (PostgreSQL: a lane another relay holds is skipped)."""
         t = self.table
         async with self.db.begin() as conn:
             if self.db.is_postgres:
-                # BigInteger: asyncpg would cast a plain int parameter to int4.
-                key = literal(lane_lock_key(t.schema, t.name, lane), BigInteger)
-                got = await conn.scalar(select(func.pg_try_advisory_xact_lock(key)))
-                if not got:
+                keys = [lane_lock_key(t.schema, t.name, lane) for lane in lanes]
+                # Try-locks never wait, so taking several in one statement cannot deadlock.
+                result = await conn.execute(_TRY_LOCK_LANES, {"lanes": lanes, "keys": keys})
+                lanes = [int(lane) for lane in result.scalars()]
+                if not lanes:
                     return 0
+                where = t.c.lane == func.any(literal(lanes, _LANE_ARRAY))
+            else:
+                where = t.c.lane.in_(lanes)
+            # By id: within each lane the oldest first, so a lane's published rows are always
+            # a prefix of it in id order, whatever the other lanes hold.
             result = await conn.execute(
                 select(t.c.id, t.c.topic, t.c.key, t.c.payload, t.c.headers)
-                .where(t.c.lane == lane)
+                .where(where)
                 .order_by(t.c.id)
-                .limit(self.batch)
+                .limit(self.batch * len(lanes))
             )
             rows = result.all()
             if not rows:

@@ -288,6 +288,10 @@ async def test_a_failure_midway_keeps_what_was_published_and_the_rest(env: Env) 
 
     flaky.publish = second_fails  # type: ignore[method-assign]
     first_round = await outbox.relay_once()
+    if env.name == "postgres":
+        # Every lane in one transaction and one publish call: there is no midway.
+        assert (first_round, calls, outbox.last_error) == (40, 1, None)
+        return
     assert 0 < first_round < 40
     assert isinstance(outbox.last_error, PublishError)
     assert await outbox.pending() == 40 - first_round
