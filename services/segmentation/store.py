@@ -939,14 +939,18 @@ RECORD_BATCH_ANNOUNCED = text(_RECORD_BATCH.replace("{announce}", _ANNOUNCE))
 
 # Users who bought one item `threshold` times within `window` (inclusive), among the pairs
 # of new purchases: each purchase counts those of the same pair in the window after it.
+# Only users not flagged yet with `threshold` purchases in all (their aggregates, just
+# updated by this batch) are looked at: fewer cannot hold that many of one item.
 _FLAG_ABUSE = f"""
 WITH pairs AS (
-    SELECT user_id, item_id,
-           min(occurred_at) - CAST(:window AS interval) AS since,
-           max(occurred_at) + CAST(:window AS interval) AS until
+    SELECT p.user_id, p.item_id,
+           min(p.occurred_at) - CAST(:window AS interval) AS since,
+           max(p.occurred_at) + CAST(:window AS interval) AS until
     FROM json_to_recordset(CAST(:purchases AS json))
          AS p(user_id text, item_id text, occurred_at timestamptz)
-    GROUP BY user_id, item_id
+    JOIN {SCHEMA}.aggregates g ON g.user_id = p.user_id
+    WHERE g.purchases >= CAST(:threshold AS integer) AND NOT g.abuse_review
+    GROUP BY p.user_id, p.item_id
 ),
 bought AS (
     SELECT a.user_id,
