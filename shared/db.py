@@ -197,6 +197,7 @@ class Database:
         self.schema = check_schema_name(schema)
         self.pool_size = pool_size
         self._engine: AsyncEngine | None = None
+        self._inline = self.is_sqlite and self.url.query.get(INLINE_PARAM) in ("1", "true")
         self._write_lock: asyncio.Lock | None = None
         self._lock_owner: asyncio.Task[Any] | None = None
 
@@ -260,7 +261,7 @@ class Database:
         async with lock:
             self._lock_owner = task
             try:
-                async with self.engine.begin() as conn:
+                async with self._connection() as conn, conn.begin():
                     yield conn
             finally:
                 self._lock_owner = None
@@ -268,8 +269,25 @@ class Database:
     @asynccontextmanager
     async def connect(self) -> AsyncIterator[AsyncConnection]:
         """A connection for reads (rolled back when the block ends). Write with `begin()`."""
-        async with self.engine.connect() as conn:
+        async with self._connection() as conn:
             yield conn
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[AsyncConnection]:
+        if not self._inline:
+            async with self.engine.connect() as conn:
+                yield conn
+            return
+        # SQLite on the loop's thread: closing cannot be interrupted (it never suspends), so
+        # it needs none of the task SQLAlchemy's __aexit__ closes in to survive a cancellation,
+        # whose extra turn of the loop after every transaction let each outbox relay round
+        # publish the events of one request at a time.
+        conn = self.engine.connect()
+        await conn.start()
+        try:
+            yield conn
+        finally:
+            await conn.close()
 
     async def ping(self, timeout_s: float = PING_TIMEOUT_S) -> bool:
         """Whether the database answers within `timeout_s` (for /readyz); never raises."""

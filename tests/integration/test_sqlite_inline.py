@@ -107,3 +107,37 @@ async def test_a_bad_statement_raises_the_sqlite_error(url: str) -> None:
                 await raw.driver_connection.execute("SELECT * FROM nowhere")
     finally:
         await db.stop()
+
+
+async def test_cancelled_transactions_roll_back_and_give_their_connection_back(url: str) -> None:
+    db, table = await started(url, "inline_c", pool_size=3)
+    try:
+        inside = asyncio.Event()
+
+        async def stuck(i: int) -> None:
+            async with db.begin() as conn:
+                await conn.execute(table.insert().values(id=f"c{i}", value=i))
+                inside.set()
+                await asyncio.sleep(30)
+
+        async def reader() -> None:
+            async with db.connect() as conn:
+                await conn.scalar(select(func.count()).select_from(table))
+                await asyncio.sleep(30)
+
+        tasks = [asyncio.ensure_future(stuck(i)) for i in range(5)]
+        tasks += [asyncio.ensure_future(reader()) for _ in range(2)]
+        await inside.wait()
+        await asyncio.sleep(0.05)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        # Every connection went back to the pool of 3, and nothing was committed.
+        for i in range(10):
+            async with asyncio.timeout(5), db.begin() as conn:
+                await conn.execute(table.insert().values(id=f"after{i}", value=i))
+        async with db.connect() as conn:
+            ids = set((await conn.execute(select(table.c.id))).scalars())
+        assert ids == {f"after{i}" for i in range(10)}
+    finally:
+        await db.stop()
