@@ -300,7 +300,11 @@ async def _deliver(ctx: ServiceContext, rt: DeliveryRuntime, pending: list[Work]
         if in_flight:
             to_call = await _keep_answers(ctx, rt, settle=in_flight, decide=pending)
         else:
-            to_call = await _round(ctx, rt, settle=[], decide=pending)
+            try:
+                to_call = await _round(ctx, rt, settle=[], decide=pending)
+            except _CommitUnknown as exc:
+                # No call made yet: the redelivered batch reads whatever was stored.
+                raise (exc.__cause__ or exc) from None
         pending = []
         if not to_call:
             break
