@@ -43,15 +43,32 @@ class _Uncounted:
         return None
 
 
+# SQLSTATE classes of a server that is going away or not back yet: 08 connection
+# exception, 53 insufficient resources, 57 operator intervention (57P01 admin shutdown,
+# 57P03 cannot connect now: the server is starting up).
+_UNREACHABLE_SQLSTATE = ("08", "53", "57")
+
+
 def is_transient(exc: BaseException) -> bool:
-    """Errors that a later attempt can cure without anybody changing the message."""
+    """Errors that a later attempt can cure without anybody changing the message.
+
+    That is the broker or the database unreachable, also as the raw driver reports it
+    (hot paths talk to asyncpg directly) and while PostgreSQL restarts.
+    """
     if isinstance(exc, PublishError | ConnectionError | TimeoutError | OSError):
         return True
-    if isinstance(exc, sa_exc.DBAPIError):
-        return bool(exc.connection_invalidated) or isinstance(
-            exc, sa_exc.OperationalError | sa_exc.InterfaceError
-        )
-    return isinstance(exc, sa_exc.DisconnectionError | sa_exc.TimeoutError)
+    if isinstance(exc, sa_exc.DBAPIError) and (
+        exc.connection_invalidated
+        or isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError)
+    ):
+        return True
+    if isinstance(exc, sa_exc.DisconnectionError | sa_exc.TimeoutError):
+        return True
+    for candidate in (exc, getattr(exc, "orig", None), exc.__cause__):
+        state = getattr(candidate, "sqlstate", None) or getattr(candidate, "pgcode", None)
+        if isinstance(state, str) and state.startswith(_UNREACHABLE_SQLSTATE):
+            return True
+    return False
 
 
 class EventConsumer:

@@ -406,21 +406,9 @@ def _name(exc: BaseException) -> str:
     return type(exc).__name__ + (f" ({type(orig).__name__})" if orig is not None else "")
 
 
-# SQLSTATE classes of a server that is going away or not back yet: 08 connection
-# exception, 53 insufficient resources, 57 operator intervention (57P01 admin shutdown,
-# 57P03 cannot connect now: the server is starting up).
-_UNREACHABLE_SQLSTATE = ("08", "53", "57")
-
-
 def database_unreachable(exc: BaseException) -> bool:
-    """The consumer's transient errors, and the refusals of a server that restarts."""
-    if is_transient(exc):
-        return True
-    for candidate in (exc, getattr(exc, "orig", None), exc.__cause__):
-        state = getattr(candidate, "sqlstate", None) or getattr(candidate, "pgcode", None)
-        if isinstance(state, str) and state.startswith(_UNREACHABLE_SQLSTATE):
-            return True
-    return False
+    """A server that went away or restarts (the consumer's transient errors)."""
+    return is_transient(exc)
 
 
 class _Snapshot:
