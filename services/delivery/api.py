@@ -181,17 +181,16 @@ async def _post_receipts(ctx: ServiceContext, raw: bytes) -> JSONResponse:
         receipts = ReceiptBatch.model_validate_json(raw).root
     except ValidationError as exc:
         raise _invalid(exc) from None
+    outcomes = await handlers.record_receipts(
+        ctx, [(r.id, r.event, r.at, r.channel) for r in receipts]
+    )
     acks: list[ReceiptAck] = []
     unknown: list[str] = []
-    for receipt in receipts:
-        try:
-            recorded = await handlers.record_receipt(
-                ctx, receipt.id, receipt.event, receipt.at, receipt.channel
-            )
-        except handlers.UnknownTouch:
+    for receipt, recorded in zip(receipts, outcomes, strict=True):
+        if recorded is None:
             unknown.append(receipt.id)
-            continue
-        acks.append(ReceiptAck(touch_id=receipt.id, event=receipt.event, recorded=recorded))
+        else:
+            acks.append(ReceiptAck(touch_id=receipt.id, event=receipt.event, recorded=recorded))
     return JSONResponse(
         ReceiptsAck(receipts=acks, unknown=unknown).model_dump(),
         status_code=202 if any(ack.recorded for ack in acks) else 200,

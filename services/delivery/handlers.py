@@ -994,50 +994,95 @@ async def record_receipt(
     with the lane's channel: the push "opened" of a day-7 SMS + push touch counts for
     push, and does not hide the SMS "opened".
     """
-    d, p = store.deliveries, store.parallel_sends
     now = ctx.clock.now()
     async with ctx.db.begin() as conn:
-        row = (await conn.execute(select(d).where(d.c.touch_id == receipt_id))).first()
-        if row is None and ":" in receipt_id:
-            touch_id, _, keyed = receipt_id.rpartition(":")
-            if channel is not None and channel != keyed:
-                raise UnknownTouch(receipt_id)
-            channel = keyed
-            row = (await conn.execute(select(d).where(d.c.touch_id == touch_id))).first()
-        if row is None:
-            raise UnknownTouch(receipt_id)
-        sent_on, cost, key = row.channel, row.cost, row.touch_id
-        if channel is not None and channel != row.channel:
-            lane = (
-                await conn.execute(
-                    select(p).where(p.c.touch_id == row.touch_id).where(p.c.channel == channel)
-                )
-            ).first()
-            if lane is None:
-                raise UnknownTouch(receipt_id)
-            sent_on, cost, key = lane.channel, lane.cost, _lane_receipt_key(row.touch_id, channel)
-        inserted = await conn.execute(
-            insert_ignore(store.receipts),
-            {"touch_id": key, "kind": kind, "at": at, "received_at": now},
-        )
-        if inserted.rowcount != 1:
+        events = await _receipt_events(conn, receipt_id, kind, at, channel, now)
+        if events is None:
             return False
-        common: dict[str, Any] = {
-            "touch_id": row.touch_id,
-            "user_id": row.user_id,
-            "promotion_id": row.promotion_id,
-            "wave": row.wave,
-            "channel": sent_on,
-            "variant": row.variant,
-        }
-        events: list[EventData] = [EngagementRecorded(**common, kind=kind, at=at)]
-        if kind == "bounced":
-            events.append(DeliveryBounced(**common, at=at, cost=cost or 0.0))
-        if kind in ("unsubscribed", "complained") and sent_on:
-            await _withdraw_consent(conn, row.user_id, sent_on, now)
         await ctx.outbox.add(conn, events, now=now)
     ctx.outbox.notify()
     return True
+
+
+Receipt = tuple[str, ReceiptKind, datetime, str | None]  # id, kind, at, channel
+
+
+async def record_receipts(ctx: ServiceContext, receipts: Sequence[Receipt]) -> list[bool | None]:
+    """A provider's batch of receipts in one transaction, each as `record_receipt` would.
+
+    Per receipt: True when recorded, False when recorded before, None when it names no
+    delivery (the others are recorded all the same).
+    """
+    now = ctx.clock.now()
+    outcomes: list[bool | None] = []
+    events: list[EventData] = []
+    async with ctx.db.begin() as conn:
+        for receipt_id, kind, at, channel in receipts:
+            try:
+                new = await _receipt_events(conn, receipt_id, kind, at, channel, now)
+            except UnknownTouch:
+                outcomes.append(None)
+                continue
+            outcomes.append(new is not None)
+            events.extend(new or ())
+        if events:
+            await ctx.outbox.add(conn, events, now=now)
+    if events:
+        ctx.outbox.notify()
+    return outcomes
+
+
+async def _receipt_events(
+    conn: AsyncConnection,
+    receipt_id: str,
+    kind: ReceiptKind,
+    at: datetime,
+    channel: str | None,
+    now: datetime,
+) -> list[EventData] | None:
+    """Store one receipt and return the events it makes; None when stored before.
+
+    Raises UnknownTouch, having written nothing, when it names no delivery or lane."""
+    d, p = store.deliveries, store.parallel_sends
+    row = (await conn.execute(select(d).where(d.c.touch_id == receipt_id))).first()
+    if row is None and ":" in receipt_id:
+        touch_id, _, keyed = receipt_id.rpartition(":")
+        if channel is not None and channel != keyed:
+            raise UnknownTouch(receipt_id)
+        channel = keyed
+        row = (await conn.execute(select(d).where(d.c.touch_id == touch_id))).first()
+    if row is None:
+        raise UnknownTouch(receipt_id)
+    sent_on, cost, key = row.channel, row.cost, row.touch_id
+    if channel is not None and channel != row.channel:
+        lane = (
+            await conn.execute(
+                select(p).where(p.c.touch_id == row.touch_id).where(p.c.channel == channel)
+            )
+        ).first()
+        if lane is None:
+            raise UnknownTouch(receipt_id)
+        sent_on, cost, key = lane.channel, lane.cost, _lane_receipt_key(row.touch_id, channel)
+    inserted = await conn.execute(
+        insert_ignore(store.receipts),
+        {"touch_id": key, "kind": kind, "at": at, "received_at": now},
+    )
+    if inserted.rowcount != 1:
+        return None
+    common: dict[str, Any] = {
+        "touch_id": row.touch_id,
+        "user_id": row.user_id,
+        "promotion_id": row.promotion_id,
+        "wave": row.wave,
+        "channel": sent_on,
+        "variant": row.variant,
+    }
+    events: list[EventData] = [EngagementRecorded(**common, kind=kind, at=at)]
+    if kind == "bounced":
+        events.append(DeliveryBounced(**common, at=at, cost=cost or 0.0))
+    if kind in ("unsubscribed", "complained") and sent_on:
+        await _withdraw_consent(conn, row.user_id, sent_on, now)
+    return events
 
 
 def _lane_receipt_key(touch_id: str, channel: str) -> str:
