@@ -633,6 +633,10 @@ DISPATCH: dict[type[Any], Callable[[Batch, Event[Any]], Awaitable[None]]] = {
 }
 
 
+# Events counted in one transaction at most (whole batches: one batch may exceed it alone).
+MAX_TRANSACTION_EVENTS = 20_000
+
+
 class Combiner:
     """Group commit: the batches handed in concurrently (one per partition the consumer is
     working on) are counted together, in one transaction at a time per process.
@@ -645,8 +649,13 @@ class Combiner:
     retried alone, so that one bad batch fails only its own caller.
     """
 
-    def __init__(self, run: Callable[[list[Event[Any]]], Awaitable[None]]) -> None:
+    def __init__(
+        self,
+        run: Callable[[list[Event[Any]]], Awaitable[None]],
+        max_events: int = MAX_TRANSACTION_EVENTS,
+    ) -> None:
         self.run = run
+        self.max_events = max_events
         self.queue: list[tuple[Sequence[Event[Any]], asyncio.Future[None]]] = []
         self.lock = asyncio.Lock()
 
@@ -654,12 +663,19 @@ class Combiner:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.queue.append((events, done))
         async with self.lock:
-            if not done.done():
+            while not done.done():
                 await self._flush()
         return done.result()
 
     async def _flush(self) -> None:
-        group, self.queue = self.queue, []
+        # The batches queued first, up to max_events (at least one batch): a transaction's
+        # counting runs without a pause for the event loop, so its size bounds that pause
+        # (the consumer's heartbeats wait meanwhile) and the memory it holds.
+        taken, total = 0, 0
+        while taken < len(self.queue) and (not taken or total < self.max_events):
+            total += len(self.queue[taken][0])
+            taken += 1
+        group, self.queue = self.queue[:taken], self.queue[taken:]
         try:
             try:
                 await self.run([e for events, _ in group for e in events])

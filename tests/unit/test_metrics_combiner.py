@@ -44,6 +44,27 @@ async def test_concurrent_batches_share_one_run_and_a_bad_one_fails_alone() -> N
     assert runs == [["a"], ["b", "bad", "c"], ["b"], ["bad"], ["c"]]
 
 
+async def test_a_transaction_takes_the_first_batches_up_to_its_size_and_the_rest_follow() -> None:
+    runs: list[list[Any]] = []
+    gate = asyncio.Event()
+
+    async def run(events: list[Any]) -> None:
+        runs.append(list(events))
+        if len(runs) == 1:
+            await gate.wait()
+
+    combiner = Combiner(run, max_events=3)
+    first = asyncio.create_task(combiner.submit(["a"]))
+    await asyncio.sleep(0)
+    batches = (["b", "c"], ["d"], ["e", "f", "g", "h"], ["i"])
+    others = [asyncio.create_task(combiner.submit(b)) for b in batches]
+    await asyncio.sleep(0)
+    gate.set()
+    await asyncio.gather(first, *others)
+    # Whole batches, in order, until 3 events are reached; a larger batch goes alone.
+    assert runs == [["a"], ["b", "c", "d"], ["e", "f", "g", "h"], ["i"]]
+
+
 async def test_one_batch_handler_for_several_types_gets_them_in_one_call() -> None:
     calls: list[list[str]] = []
 
