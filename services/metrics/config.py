@@ -27,9 +27,10 @@ class MetricsSettings(BaseSettings):
     # How often alerts are evaluated (service clock; a manual clock's move wakes it at once).
     alert_interval_s: float = Field(60.0, gt=0)
 
-    # Counted event ids are kept this long (by when they were counted), so that a redelivered
-    # or replayed event counts once; an event replayed later than that would count again.
-    # Keep it above the retention of the topics metrics consumes (Kafka's default: 7 days).
+    # Counted event ids are kept this long (by the events' own time), so that a redelivered
+    # or replayed event counts once; an event older than that is not counted at all (its id
+    # may be gone), and shows in afterglow_metrics_stale_events_total. Keep it above the
+    # retention of the topics metrics consumes (Kafka's default: 7 days).
     seen_retention_days: float = Field(30.0, gt=0)
     # How often the ids older than that are deleted (service clock).
     seen_prune_interval_s: float = Field(3600.0, gt=0)

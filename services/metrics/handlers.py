@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import logging
 import random
 import zlib
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -26,6 +27,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
+from prometheus_client import Counter
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -58,6 +60,8 @@ from shared.events import (
 )
 from shared.service import ServiceContext
 
+log = logging.getLogger(__name__)
+
 HANDLED = (
     AudienceMemberResolved,
     TouchPlanned,
@@ -84,12 +88,16 @@ def minute_at(minute: int) -> datetime:
     return datetime.fromtimestamp(minute * 60, UTC)
 
 
-def window_of(ctx: ServiceContext) -> timedelta:
+def settings_of(ctx: ServiceContext) -> MetricsSettings:
     settings = ctx.extras.get("metrics_settings")
     if not isinstance(settings, MetricsSettings):
         settings = MetricsSettings()
         ctx.extras["metrics_settings"] = settings
-    return settings.attribution_window
+    return settings
+
+
+def window_of(ctx: ServiceContext) -> timedelta:
+    return settings_of(ctx).attribution_window
 
 
 _SEEN = (
@@ -700,16 +708,48 @@ class Combiner:
 COMBINER_KEY = "metrics_combiner"
 
 
+STALE_KEY = "metrics_stale_counter"
+
+
+def _stale_counter(ctx: ServiceContext) -> Counter:
+    found = ctx.extras.get(STALE_KEY)
+    if not isinstance(found, Counter):
+        found = ctx.extras[STALE_KEY] = Counter(
+            "afterglow_metrics_stale_events_total",
+            "Events not counted because they are older than the counted-id retention"
+            " (AFTERGLOW_METRICS_SEEN_RETENTION_DAYS), by type",
+            ("type",),
+            registry=ctx.metrics.registry,
+        )
+    return found
+
+
 async def on_events(ctx: ServiceContext, events: Sequence[Event[Any]]) -> None:
     """Count a batch of events (any mix of the handled types) once, in one transaction
     shared with the batches other partitions hand in meanwhile (see Combiner)."""
     combiner = ctx.extras.get(COMBINER_KEY)
     if not isinstance(combiner, Combiner):
         window = window_of(ctx)
+        retention = settings_of(ctx).seen_retention
+        stale_total = _stale_counter(ctx)
 
         async def run(batch: list[Event[Any]]) -> None:
+            horizon = ctx.clock.now() - retention
+            fresh = [e for e in batch if e.time >= horizon]
+            if len(fresh) < len(batch):
+                stale = [e for e in batch if e.time < horizon]
+                for e in stale:
+                    stale_total.labels(type=e.type).inc()
+                log.warning(
+                    "events older than the counted-id retention not counted",
+                    extra={
+                        "stale": len(stale),
+                        "oldest": min(e.time for e in stale).isoformat(),
+                        "horizon": horizon.isoformat(),
+                    },
+                )
             async with ctx.db.begin() as conn:
-                await apply(conn, batch, window, ctx.clock.now())
+                await apply(conn, fresh, window)
 
         combiner = ctx.extras[COMBINER_KEY] = Combiner(run)
     await combiner.submit(events)
@@ -749,16 +789,19 @@ async def lock_users(conn: AsyncConnection, users: set[str]) -> None:
     await conn.execute(_LOCK, {"keys": keys})
 
 
-async def apply(
-    conn: AsyncConnection, events: Sequence[Event[Any]], window: timedelta, now: datetime
-) -> int:
-    """Count the events not seen before on `conn`; returns how many were new."""
+async def apply(conn: AsyncConnection, events: Sequence[Event[Any]], window: timedelta) -> int:
+    """Count the events not seen before on `conn`; returns how many were new.
+
+    Each counted id is kept with its event's own time, and the ids of events older than the
+    retention are deleted (services/metrics/retention.py); `on_events` therefore leaves out
+    the events older than the retention, whose ids may have been deleted already, so that a
+    replay of old events never counts them twice."""
     # In id order: two replicas recording overlapping ids (a redelivery after a rebalance)
     # wait for each other's rows in the same order, never in a deadlock.
-    ids = sorted({e.id for e in events})
-    if not ids:
+    times = {e.id: e.time for e in events}
+    if not times:
         return 0
-    seen = [{"event_id": i, "seen_at": now} for i in ids]
+    seen = [{"event_id": i, "seen_at": times[i]} for i in sorted(times)]
     fresh = {r[0] for r in (await bulk(conn, seen, _SEEN, _SEEN_ARRAYS)).all()}
     await lock_users(conn, {e.data.user_id for e in events if e.id in fresh})
     batch = Batch(conn, window)

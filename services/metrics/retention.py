@@ -2,9 +2,11 @@
 
 `seen_events` holds one row per counted event so that a redelivered or replayed event counts
 once. Kept forever, it would grow with every event ever counted; an id is only needed while
-the event can still come again, which is bounded by the topics' retention. The ids counted
-more than `seen_retention_days` ago are deleted every `seen_prune_interval_s`, a chunk per
-transaction so that counting never waits long for the delete.
+the event can still come again, which is bounded by the topics' retention. Each id is kept
+with its event's time; the ids of events older than `seen_retention_days` are deleted every
+`seen_prune_interval_s`, a chunk per transaction so that counting never waits long for the
+delete. Counting leaves out the events older than the retention (handlers.on_events): their
+ids may be gone, and a replay of them must not count them twice.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ CHUNK = 10_000
 
 
 async def prune_chunk(conn: AsyncConnection, before: datetime, limit: int = CHUNK) -> int:
-    """Delete up to `limit` ids counted before `before`; returns how many."""
+    """Delete up to `limit` ids of events older than `before`; returns how many."""
     s = store.seen_events
     old = select(s.c.event_id).where(s.c.seen_at < before).limit(limit).scalar_subquery()
     result = await conn.execute(delete(s).where(s.c.event_id.in_(old)))
@@ -33,7 +35,7 @@ async def prune_chunk(conn: AsyncConnection, before: datetime, limit: int = CHUN
 
 
 async def prune_seen(ctx: ServiceContext, retention: timedelta, limit: int = CHUNK) -> int:
-    """Delete every id counted more than `retention` ago; returns how many."""
+    """Delete every id of an event older than `retention`; returns how many."""
     before = ctx.clock.now() - retention
     total = 0
     while True:

@@ -37,7 +37,7 @@ async def test_a_purchase_and_its_send_counted_at_once_meet(db: Database) -> Non
     at = T0 + timedelta(minutes=1)
     sent = ev("t1.sent", DeliverySent(**touch("t1", "u1"), channel="email", at=at), at)
     async with db.begin() as first:
-        await handlers.apply(first, [planned("t1", "u1", "high", ""), buy, *others], WINDOW, T0)
+        await handlers.apply(first, [planned("t1", "u1", "high", ""), buy, *others], WINDOW)
         # The send's transaction starts while the purchase's is still open: it must wait.
         second = asyncio.create_task(_apply(db, [sent]))
         await asyncio.sleep(0.5)
@@ -50,4 +50,4 @@ async def test_a_purchase_and_its_send_counted_at_once_meet(db: Database) -> Non
 
 async def _apply(db: Database, events: list[handlers.Event[object]]) -> None:
     async with db.begin() as conn:
-        await handlers.apply(conn, events, WINDOW, T0)
+        await handlers.apply(conn, events, WINDOW)

@@ -240,7 +240,7 @@ async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Da
 async def feed(db: Database, events: list[Event[Any]], size: int) -> None:
     for i in range(0, len(events), size):
         async with db.begin() as conn:
-            await handlers.apply(conn, events[i : i + size], WINDOW, T0)
+            await handlers.apply(conn, events[i : i + size], WINDOW)
 
 
 async def funnel(db: Database, group_by: tuple[str, ...], **filters: str) -> list[dict[str, Any]]:

@@ -44,25 +44,33 @@ async def eventually(m: Metrics, want: set[str]) -> None:
         await asyncio.sleep(0.05)
 
 
-async def test_old_counted_ids_are_deleted_and_young_ones_still_deduplicate(
+async def test_old_counted_ids_are_deleted_and_neither_old_nor_young_counts_twice(
     metrics: Metrics,
 ) -> None:
-    old, young = planned("t-old", "u-1", "high", "A"), planned("t-young", "u-2", "high", "A")
+    day = timedelta(days=1)
+    old = planned("t-old", "u-1", "high", "A")
+    young = planned("t-young", "u-2", "high", "A", at=T0 + 20 * day)
     await metrics.bus.publish([out(old)])
     await eventually(metrics, {old.id})
-    metrics.clock.advance(timedelta(days=20))
+    metrics.clock.advance(20 * day)
     await metrics.bus.publish([out(young)])
     await eventually(metrics, {old.id, young.id})
 
-    # 31 days after the first was counted (default retention 30 days), 11 after the second:
+    # 31 days after the first event (default retention 30 days), 11 after the second:
     # moving the clock wakes the pruning, which deletes the first id only.
-    metrics.clock.advance(timedelta(days=11))
+    metrics.clock.advance(11 * day)
     await eventually(metrics, {young.id})
 
-    # The young one redelivered still counts once: a new event after it on the same
-    # partition (same user) shows when the redelivery has been handled.
-    after = planned("t-after", "u-2", "high", "A")
-    await metrics.bus.publish([out(young), out(after)])
-    await eventually(metrics, {young.id, after.id})
+    # Both redelivered: the young one is still known and counts once; the old one's id is
+    # gone, and it is older than the retention, so it is left out rather than counted again.
+    # A new event after them on each partition (same users) shows when they have been handled.
+    now = T0 + 31 * day
+    after = [planned(f"t-after-{u}", u, "high", "A", at=now) for u in ("u-1", "u-2")]
+    await metrics.bus.publish([out(young), out(old), *(out(a) for a in after)])
+    await eventually(metrics, {young.id, *(a.id for a in after)})
     rows = await funnel_rows(metrics.client)
-    assert [r["planned"] for r in rows] == [3]
+    assert [r["planned"] for r in rows] == [4]
+    exposition = (await metrics.client.get("/metrics")).text
+    assert 'afterglow_metrics_stale_events_total{type="' + old.type + '"} 1.0' in exposition, (
+        exposition
+    )
