@@ -264,9 +264,14 @@ def default_policy() -> Policy:
         caps=Caps(per_7d=2, per_30d=5),
         quiet_hours=QuietHours(start=time(21, 0), end=time(9, 0)),
         wave_priority=list(WAVES),
+        # DOMAIN.md's intensity per LTV tier, with every wave sent to some tier: high
+        # potential gets the launch and one personalised touch a month after it; potential
+        # churn two touches a week apart within two weeks (day 7, the cross-sell sprint where
+        # core users get SMS and push together, and day 14); silent the launch and a wake-up
+        # with a coupon.
         intensity={
             "high_potential": TierIntensity(waves=["launch", "day30"]),
-            "potential_churn": TierIntensity(waves=["day3", "day14"]),
+            "potential_churn": TierIntensity(waves=["day7", "day14"]),
             "silent": TierIntensity(waves=["launch", "day3"], coupon_waves=["day3"]),
         },
         experiment=Experiment(

@@ -123,13 +123,17 @@ def test_tiers_choose_their_waves_and_silence_moves_day3() -> None:
     high = domain.plan_member(POLICY, member(ltv_tier="high_potential"))
     assert [t.wave for t in high] == ["launch", "day30"]
     churn = domain.plan_member(POLICY, member(ltv_tier="potential_churn"))
-    assert [t.wave for t in churn] == ["day3", "day14"]
+    assert [t.wave for t in churn] == ["day7", "day14"]
     silent = by_wave(domain.plan_member(POLICY, member(ltv_tier="silent", silent=True)))
     assert list(silent) == ["launch", "day3"]
     assert silent["day3"].due_at == utc(2026, 3, 8, 10)
     assert silent["day3"].coupon
     core = by_wave(domain.plan_member(POLICY, member(value_layer="core")))
     assert core["day7"].parallel == 2 and core["day3"].parallel == 1
+    # Every wave of the default policy reaches some tier.
+    tiers = ("high_potential", "potential_churn", "silent")
+    reached = {t.wave for tier in tiers for t in domain.plan_member(POLICY, member(ltv_tier=tier))}
+    assert reached == {w.name for w in POLICY.waves}
 
 
 def test_holdout_and_variants_are_stable_and_near_their_shares() -> None:
