@@ -111,7 +111,7 @@ bench-metrics: $(STAMP) up ## metrics: events/s aggregated on one process and fu
 	set -a; . .run/env; set +a; $(PY) -m benchmarks.metrics --participants $${PARTICIPANTS:-100000}
 
 .PHONY: bench-stack
-bench-stack: $(STAMP) up ## the four services as processes, end to end to a 20 ms loopback provider (PARTICIPANTS=10000)
+bench-stack: $(STAMP) up ## the four services as processes, end to end to a 20 ms loopback provider (PARTICIPANTS=10000; users past 10,000 by COPY)
 	set -a; . .run/env; set +a; flock /tmp/afterglow-bench.lock $(PY) -m benchmarks.stack --participants $${PARTICIPANTS:-10000} $(BENCH_ARGS)
 
 .PHONY: bench

@@ -1,9 +1,9 @@
 """End to end on the four services as separate processes, real Kafka and PostgreSQL, a
 loopback provider: what one promotion of N participants costs from REST to provider call.
 
-    python -m benchmarks.stack [--participants 10000] [--concurrency 16] [--ingest-batch 100]
-                               [--ingest-concurrency 4] [--latency-ms 20] [--channel-rate R]
-                               [--timeout 3600] [--logs DIR] [--json PATH]
+    python -m benchmarks.stack [--participants 10000] [--put-users 10000] [--concurrency 16]
+                               [--ingest-batch 100] [--ingest-concurrency 4] [--latency-ms 20]
+                               [--channel-rate R] [--timeout 3600] [--logs DIR] [--json PATH]
 
 Starts `afterglow serve <name>` for segmentation, scheduling, delivery and metrics (the
 launcher of services/stack.py, through tests/e2e/stack.py) on a fresh PostgreSQL database
@@ -11,10 +11,20 @@ and a fresh topic prefix, with the manual clock; the provider is a loopback HTTP
 this process answering 200 after `--latency-ms`, which records when each call arrived.
 Delivery's rate limit per channel is raised to `--channel-rate` (default: out of the way), so
 that the figures show what the services keep up with, not the configured limit.
-Then, through the public REST API only:
+Then, through the public REST API except for most users' profiles at large N:
 
-1. users: PUT /v1/users/{id} for N users (UTC, every channel consented), `--concurrency`
-   requests in flight;
+0. bulk users (only when N > `--put-users`): the users after the first `--put-users` are
+   not created through the API but loaded with PostgreSQL COPY, 20,000 a transaction,
+   straight into what a new user's PUT /v1/users leaves in the services' tables once its
+   user.updated was handled: segmentation's `users` and `aggregates`, scheduling's `users`
+   and delivery's `contacts` (`BULK_TABLES`). Segmentation has no batch form of that
+   route: one PUT each (~100/s here) would take hours at 1,000,000, and so would the
+   user.updated events through the relay and both consumers (~3 ms of CPU per user, one
+   transaction per event in each consumer). Purchases, participants and all that follows
+   go through the API and Kafka for every user;
+1. users: PUT /v1/users/{id} for the first `--put-users` users (default 10,000; all of
+   them when N is no more: the REST figures are measured on that sample), UTC, every
+   channel consented, `--concurrency` requests in flight;
 2. ingest: one purchase per user through POST /v1/activities, `--ingest-batch` per request
    (100: N/100 requests, enough for a p99), `--ingest-concurrency` requests in flight;
 3. participants: all N join one promotion (POST .../participants, 10,000 per request);
@@ -36,6 +46,10 @@ the whole run.
 Needs AFTERGLOW_DATABASE_URL (PostgreSQL) and AFTERGLOW_KAFKA_BOOTSTRAP_SERVERS (`make up`).
 Prints a table; asserts nothing. `--json PATH` writes one flat JSON object:
     participants                      N
+    bulk_users                        users loaded with COPY, not through the API (0: none)
+    bulk_s, bulk_users_per_s          that load (building the rows in this process included)
+    put_users                         users through PUT /v1/users (the sample the users_*
+                                      figures are measured on)
     users_s, users_per_s              PUT /v1/users wall time, requests per second
     users_p50_ms, users_p99_ms        latency of one PUT
     ingest_requests, ingest_activities
@@ -49,12 +63,15 @@ Prints a table; asserts nothing. `--json PATH` writes one flat JSON object:
     provider_repeats                  calls for a touch already called
     dispatch_s, dispatched_per_s      due time -> last provider call
     dispatch_settled_s                due time -> every launch touch final in the plan
-                                      (delivery's results back in scheduling)
+                                      (delivery's results back in scheduling; the plan is
+                                      asked at most a tenth of the time, so at 1,000,000 this
+                                      may be ~10 s late)
     due_first_ms, due_p50_ms, due_p99_ms, due_max_ms
                                       due time -> provider call
     launch_sent, launch_suppressed, launch_failed, launch_pending
                                       the launch wave in the plan at the end
-    users_cpu_ms_per_user             CPU of the four services per user (PUT and user.updated)
+    users_cpu_ms_per_user             CPU of the four services per PUT user (the request and
+                                      its user.updated)
     ingest_cpu_us_per_activity        the same per activity (ingest, relay, metrics)
     plan_cpu_us_per_touch             the same per touch planned (audience, planning, relay)
     dispatch_cpu_us_per_touch         the same per provider call, from due time until
@@ -89,7 +106,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import asyncpg  # type: ignore[import-untyped]
 import httpx
+import orjson
 
 from benchmarks.bus import delete_topics
 from services.sandbox import HttpRequest, HttpResponse, LoopbackHttpServer
@@ -99,6 +118,8 @@ from tests.e2e.stack import ProcessStack, json_of, process_stack
 PROMOTION = "bench-stack"
 PARTICIPANT_BATCH = 10_000
 CHANNELS = ("sms", "email", "push", "in_app")
+# Users a COPY transaction of the bulk load (bounded memory in this process).
+BULK_CHUNK = 20_000
 
 
 # -- pure helpers (unit-tested) --------------------------------------------------------------
@@ -240,6 +261,92 @@ def activity_batches(n: int, start: datetime, size: int) -> Iterator[dict[str, A
         }
 
 
+# What PUT /v1/users leaves for a new user in each service's tables, once segmentation has
+# written it and scheduling and delivery have handled its user.updated: (table, columns).
+BULK_TABLES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    (
+        "segmentation",
+        "users",
+        (
+            "user_id",
+            "birth_year",
+            "timezone",
+            "locale",
+            "addresses",
+            "consent",
+            "created_at",
+            "updated_at",
+        ),
+    ),
+    (
+        "segmentation",
+        "aggregates",
+        ("user_id", "purchases", "visits", "monetary", "ltv", "abuse_review", "updated_at"),
+    ),
+    (
+        "scheduling",
+        "users",
+        ("user_id", "timezone", "consent", "fatigue", "unanswered", "first_seen_at", "updated_at"),
+    ),
+    ("delivery", "contacts", ("user_id", "addresses", "consent", "erased", "updated_at")),
+)
+
+
+def bulk_rows(first: int, last: int, now: datetime) -> list[list[tuple[Any, ...]]]:
+    """The rows of `BULK_TABLES`, in that order, for new users `first`..`last - 1`."""
+    rows: list[list[tuple[Any, ...]]] = [[] for _ in BULK_TABLES]
+    seg_users, aggregates, sched_users, contacts = rows
+    for i in range(first, last):
+        body = user_body(i)
+        uid = user_id(i)
+        addresses = orjson.dumps(body["addresses"]).decode()
+        consent = orjson.dumps(body["consent"]).decode()
+        seg_users.append(
+            (
+                uid,
+                body["birth_year"],
+                body["timezone"],
+                body["locale"],
+                addresses,
+                consent,
+                now,
+                now,
+            )
+        )
+        aggregates.append((uid, 0, 0, 0.0, 0.0, False, now))
+        sched_users.append((uid, body["timezone"], consent, "normal", 0, now, now))
+        contacts.append((uid, addresses, consent, False, now))
+    return rows
+
+
+async def bulk_load_users(url: str, first: int, last: int, now: datetime) -> None:
+    """Users `first`..`last - 1` straight into the services' tables with COPY (`BULK_TABLES`),
+    `BULK_CHUNK` users a transaction, built chunk by chunk (never the whole list in memory)."""
+    conn = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://", 1))
+    try:
+        for start in range(first, last, BULK_CHUNK):
+            end = min(start + BULK_CHUNK, last)
+            rows = bulk_rows(start, end, now)
+            async with conn.transaction():
+                for (schema, table, columns), records in zip(BULK_TABLES, rows, strict=True):
+                    await conn.copy_records_to_table(
+                        table, schema_name=schema, records=records, columns=list(columns)
+                    )
+            if (end - first) % (10 * BULK_CHUNK) == 0 or end == last:
+                say(f"  {end - first:,} of {last - first:,} copied")
+    finally:
+        await conn.close()
+
+
+async def users_consumed(s: ProcessStack, topic: str, at_least: int, deadline: float) -> None:
+    """Until scheduling and delivery have each handled `at_least` user.updated events."""
+    for name in ("scheduling", "delivery"):
+        while consumed((await s.clients[name].get("/metrics")).text, topic) < at_least:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name} did not consume the users before the timeout")
+            await asyncio.sleep(0.25)
+
+
 Request = tuple[str, str, Any]  # method, path, JSON body
 
 
@@ -309,42 +416,63 @@ async def launch_wave(s: ProcessStack) -> dict[str, Any]:
 
 
 async def scenario(
-    s: ProcessStack, provider: Recorder, args: argparse.Namespace, start: datetime, topic: str
+    s: ProcessStack,
+    provider: Recorder,
+    args: argparse.Namespace,
+    start: datetime,
+    prefix: str,
+    url: str,
 ) -> dict[str, Any]:
     n = args.participants
     deadline = time.monotonic() + args.timeout
     seg = s.clients["segmentation"]
     f: dict[str, Any] = {"participants": n}
 
-    say(f"users: {n:,} PUT /v1/users, {args.concurrency} in flight")
+    put = min(n, args.put_users)
+    bulk = n - put
+    users_topic = f"{prefix}users"
+    f["bulk_users"] = bulk
+    if bulk:
+        say(f"bulk users: {bulk:,} with COPY into the services' tables (not through the API)")
+        started = time.perf_counter()
+        await bulk_load_users(url, put, n, start)
+        seconds = time.perf_counter() - started
+        f.update(bulk_s=round(seconds, 2), bulk_users_per_s=bulk / seconds)
+
+    say(f"users: {put:,} PUT /v1/users, {args.concurrency} in flight")
+    f["put_users"] = put
     cpu = services_cpu(s)
     seconds, lat = await drive(
         seg,
-        (("PUT", f"/v1/users/{user_id(i)}", user_body(i)) for i in range(n)),
+        (("PUT", f"/v1/users/{user_id(i)}", user_body(i)) for i in range(put)),
         args.concurrency,
-        n,
+        put,
     )
     f.update(
         users_s=round(seconds, 2),
-        users_per_s=n / seconds,
+        users_per_s=put / seconds,
         users_p50_ms=percentile(lat, 0.5),
         users_p99_ms=percentile(lat, 0.99),
     )
+    await users_consumed(s, users_topic, put, deadline)
     await settle(s, deadline)
     # Until every service has handled the user.updated events too: they are the cost of a user.
-    f["users_cpu_ms_per_user"] = (services_cpu(s) - cpu) / n * 1e3
+    f["users_cpu_ms_per_user"] = (services_cpu(s) - cpu) / put * 1e3
 
-    batches = list(activity_batches(n, start, args.ingest_batch))
-    say(f"ingest: {n:,} purchases in {len(batches):,} POST /v1/activities")
+    requests = math.ceil(n / args.ingest_batch)
+    say(f"ingest: {n:,} purchases in {requests:,} POST /v1/activities")
     cpu = services_cpu(s)
     seconds, lat = await drive(
-        seg, (("POST", "/v1/activities", b) for b in batches), args.ingest_concurrency
+        seg,
+        (("POST", "/v1/activities", b) for b in activity_batches(n, start, args.ingest_batch)),
+        args.ingest_concurrency,
+        requests,
     )
     f.update(
-        ingest_requests=len(batches),
+        ingest_requests=requests,
         ingest_activities=n,
         ingest_s=round(seconds, 2),
-        ingest_requests_per_s=len(batches) / seconds,
+        ingest_requests_per_s=requests / seconds,
         ingest_activities_per_s=n / seconds,
         ingest_p50_ms=percentile(lat, 0.5),
         ingest_p99_ms=percentile(lat, 0.99),
@@ -353,14 +481,13 @@ async def scenario(
     f["ingest_cpu_us_per_activity"] = (services_cpu(s) - cpu) / n * 1e6
 
     say("participants")
-    ids = [user_id(i) for i in range(n)]
     seconds, _ = await drive(
         seg,
         (
             (
                 "POST",
                 f"/v1/promotions/{PROMOTION}/participants",
-                {"user_ids": ids[i : i + PARTICIPANT_BATCH]},
+                {"user_ids": [user_id(j) for j in range(i, min(i + PARTICIPANT_BATCH, n))]},
             )
             for i in range(0, n, PARTICIPANT_BATCH)
         ),
@@ -378,7 +505,7 @@ async def scenario(
         json={"ended_at": due.isoformat(), "name": PROMOTION, "policy": "default"},
     )
     await json_of(answer)
-    while consumed((await s.clients["scheduling"].get("/metrics")).text, topic) < n:
+    while consumed((await s.clients["scheduling"].get("/metrics")).text, f"{prefix}audience") < n:
         if time.monotonic() > deadline:
             raise TimeoutError("planning did not finish before the timeout")
         await asyncio.sleep(0.1)
@@ -409,13 +536,22 @@ async def scenario(
     due_mono = time.monotonic()
     s.timeline.add(due_mono, due)
     await json_of(await s.clients["scheduling"].put("/v1/admin/clock", json=body))
+    told = time.monotonic()
     while True:
+        asked = time.monotonic()
         launch = await launch_wave(s)
         if launch["pending"] == 0 and launch["dispatched"] == 0:
             break
         if time.monotonic() > deadline:
             raise TimeoutError(f"dispatch did not finish before the timeout: {launch}")
-        await asyncio.sleep(0.25)
+        if time.monotonic() - told >= 30:
+            told = time.monotonic()
+            unsettled = launch["pending"] + launch["dispatched"]
+            say(f"  {len(provider.arrivals):,} provider calls, {unsettled:,} touches not final")
+        # The plan counts every touch (2,000,000 at 1,000,000 participants: 1.2 s of
+        # PostgreSQL on parallel workers): asked back to back, it took 40% of the rate at
+        # which scheduling settled delivery's results. At most a tenth of the time asking.
+        await asyncio.sleep(max(0.25, 9 * (time.monotonic() - asked)))
     settled_s = time.monotonic() - due_mono
     cpu = services_cpu(s) - cpu
     calls = len(provider.arrivals)
@@ -485,7 +621,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     ready_timeout_s=120,
                 ) as s:
                     say("the four services are ready")
-                    figures = await scenario(s, provider, args, start, f"{prefix}audience")
+                    figures = await scenario(s, provider, args, start, prefix, url)
     finally:
         say("services stopped, database dropped; deleting the topics")
         with contextlib.suppress(Exception):
@@ -519,6 +655,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--participants", type=int, default=10_000)
+    parser.add_argument(
+        "--put-users",
+        type=int,
+        default=10_000,
+        help="users through PUT /v1/users (the rest are COPY-loaded into the services' tables)",
+    )
     parser.add_argument("--concurrency", type=int, default=16, help="user PUTs in flight")
     parser.add_argument(
         "--ingest-concurrency", type=int, default=4, help="POST /v1/activities in flight"
@@ -539,6 +681,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.participants < 1:
         parser.error("--participants: at least 1")
+    if args.put_users < 1:
+        parser.error("--put-users: at least 1")
     if args.concurrency < 1 or args.ingest_concurrency < 1:
         parser.error("--concurrency and --ingest-concurrency: at least 1")
     if not 1 <= args.ingest_batch <= 1000:

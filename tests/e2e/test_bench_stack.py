@@ -1,6 +1,7 @@
 """`make bench`'s end-to-end benchmark (benchmarks/stack.py) at a tiny size: it drives the
 four services as processes through one promotion and reports a figure for each step, and
-what the provider received matches what scheduling says it sent."""
+what the provider received matches what scheduling says it sent, for users created through
+the API and users loaded in bulk alike."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ async def test_a_small_run_reports_every_figure_and_sends_each_launch_touch_once
     monkeypatch.setenv("AFTERGLOW_KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap)
     args = argparse.Namespace(
         participants=200,
+        # Half of the users through PUT /v1/users, the other half loaded with COPY.
+        put_users=100,
         concurrency=8,
         ingest_batch=50,
         ingest_concurrency=2,
@@ -33,6 +36,7 @@ async def test_a_small_run_reports_every_figure_and_sends_each_launch_touch_once
     figures = await run(args)
 
     assert figures["participants"] == 200
+    assert figures["put_users"] == figures["bulk_users"] == 100
     assert figures["ingest_requests"] == 4
     assert figures["touches_planned"] >= 200
     assert figures["launch_due"] > 0
