@@ -19,9 +19,14 @@ from shared.service import ServiceContext, ServiceSpec, Worker
 # young then middle-aged: about a third of the CPU per event (and still 14 us per event with
 # collections every 50,000 allocations). Collected once a second, the objects of finished
 # batches are already freed by reference counting and only those in hand are walked.
-GC_YOUNG_EVERY_S = 1.0
-GC_MIDDLE_EVERY = 10  # young collections
-GC_FULL_EVERY = 60  # young collections
+# Behind a backlog every partition has a batch in hand, so a young collection still walks
+# tens of thousands of events (about 50 ms); once a second that was 4-5 us per event at
+# 100,000 participants (none at 2,000, counted within the first second), while counting
+# leaves next to no cyclic garbage (3,309 unreachable objects for 97,000 events counted):
+# every 5 seconds.
+GC_YOUNG_EVERY_S = 5.0
+GC_MIDDLE_EVERY = 6  # young collections (30 s)
+GC_FULL_EVERY = 36  # young collections (3 min)
 
 
 async def collect_garbage() -> None:
