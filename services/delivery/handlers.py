@@ -195,7 +195,14 @@ class Round:
 async def on_touches_due(
     ctx: ServiceContext, rt: DeliveryRuntime, events: Sequence[Event[Any]]
 ) -> None:
-    """Deliver a batch of due touches: settle each one as sent or failed, exactly once."""
+    """Deliver a batch of due touches: settle each one as sent or failed, exactly once.
+
+    Its calls wait for the limiters' turns placed at the moment the batch started, so
+    the oldest batch's calls go first (`Limiter`): one partition's batch ends (its last
+    retries, the round that records the answers) while the other partitions' calls keep
+    the connections busy, instead of all of them waiting at once.
+    """
+    since = time.monotonic()
     unique: dict[str, TouchDue] = {}
     for event in events:
         unique.setdefault(event.data.touch_id, event.data)
@@ -255,9 +262,11 @@ async def on_touches_due(
     for work in pending:
         (waiting if wait_s > 0 and _waits_for_consent(work, rt) else ready).append(work)
     if not waiting:
-        await _deliver(ctx, rt, ready)
+        await _deliver(ctx, rt, ready, since)
         return
-    await asyncio.gather(_deliver(ctx, rt, ready), _deliver_later(ctx, rt, waiting, wait_s))
+    await asyncio.gather(
+        _deliver(ctx, rt, ready, since), _deliver_later(ctx, rt, waiting, wait_s, since)
+    )
 
 
 def _waits_for_consent(work: Work, rt: DeliveryRuntime) -> bool:
@@ -274,7 +283,7 @@ def _waits_for_consent(work: Work, rt: DeliveryRuntime) -> bool:
 
 
 async def _deliver_later(
-    ctx: ServiceContext, rt: DeliveryRuntime, works: list[Work], wait_s: float
+    ctx: ServiceContext, rt: DeliveryRuntime, works: list[Work], wait_s: float, since: float
 ) -> None:
     """The consent race: wait briefly for the `user.updated` that grants consent.
 
@@ -290,11 +299,15 @@ async def _deliver_later(
         contacts = await load_contacts(conn, (w.due.user_id for w in works))
     for work in works:
         work.contact = contacts.get(work.due.user_id)
-    await _deliver(ctx, rt, works)
+    await _deliver(ctx, rt, works, since)
 
 
-async def _deliver(ctx: ServiceContext, rt: DeliveryRuntime, pending: list[Work]) -> None:
-    """Rounds until every lane is settled: record, call, settle, fall back."""
+async def _deliver(
+    ctx: ServiceContext, rt: DeliveryRuntime, pending: list[Work], since: float
+) -> None:
+    """Rounds until every lane is settled: record, call, settle, fall back.
+
+    `since`: when the batch started, the place of its calls in the limiters' queues."""
     in_flight: list[Work] = []
     while pending or in_flight:
         if in_flight:
@@ -308,19 +321,19 @@ async def _deliver(ctx: ServiceContext, rt: DeliveryRuntime, pending: list[Work]
         pending = []
         if not to_call:
             break
-        outcomes = await asyncio.gather(*(_call(rt, w) for w in to_call))
+        outcomes = await asyncio.gather(*(_call(rt, w, since) for w in to_call))
         for work, outcome in zip(to_call, outcomes, strict=True):
             work.outcome = outcome
         in_flight = to_call
 
 
-async def _call(rt: DeliveryRuntime, work: Work) -> Outcome:
+async def _call(rt: DeliveryRuntime, work: Work, since: float) -> Outcome:
     """One lane's call; whatever goes wrong in it is a failed call of that lane alone."""
     assert work.message is not None and work.channel is not None
     user_id = work.due.user_id
     try:
         return await rt.providers[work.channel].deliver(
-            work.message, keep_going=lambda: user_id not in rt.erased
+            work.message, keep_going=lambda: user_id not in rt.erased, since=since
         )
     except Exception as exc:
         # A bug in an adapter or the transport: the other calls of the batch settle as

@@ -190,12 +190,12 @@ class FaultyTransport:
         self.real = real
         self.failing = failing  # Idempotency-Key -> how many sends raise (then real calls)
 
-    async def send(self, request: RawRequest) -> ProviderAnswer:
+    async def send(self, request: RawRequest, *, since: float | None = None) -> ProviderAnswer:
         key = request.header("Idempotency-Key") or ""
         if self.failing.get(key, 0) > 0:
             self.failing[key] -= 1
             raise RuntimeError("a bug in the transport")
-        return await self.real.send(request)
+        return await self.real.send(request, since=since)
 
     async def aclose(self) -> None:
         await self.real.aclose()

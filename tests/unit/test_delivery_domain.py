@@ -231,6 +231,30 @@ async def test_a_retry_takes_the_next_turn_of_the_limiter() -> None:
     assert order == ["first", "retry", "a", "b"] and limiter.in_use == 0
 
 
+async def test_the_limiter_serves_the_oldest_batch_first_whatever_the_arrival_order() -> None:
+    """Calls of a batch that started earlier go before those of a later one that asked
+    first, so that one batch ends while the others keep the connections busy."""
+    limiter = Limiter(1)
+    order: list[str] = []
+    gate = asyncio.Event()
+
+    async def hold(name: str, since: float | None) -> None:
+        async with limiter.turn(since):
+            order.append(name)
+            await gate.wait()
+
+    tasks = [asyncio.create_task(hold("first", None))]
+    await asyncio.sleep(0.01)
+    for name, since in (("late-1", 20.0), ("early-1", 10.0), ("late-2", 20.0), ("early-2", 10.0)):
+        tasks.append(asyncio.create_task(hold(name, since)))
+        await asyncio.sleep(0)
+    tasks[2].cancel()  # early-1 gives up: it takes no turn
+    await asyncio.sleep(0.01)
+    gate.set()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert order == ["first", "early-2", "late-1", "late-2"] and limiter.in_use == 0
+
+
 def test_a_server_going_away_or_starting_up_is_waited_for_a_broken_statement_is_not() -> None:
     """Answers in hand are kept through these (handlers._keep_answers), not through bugs."""
     from asyncpg import exceptions as pg

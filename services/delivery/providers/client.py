@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
@@ -101,9 +102,18 @@ class ProviderClient:
             await transport.aclose()
 
     async def deliver(
-        self, message: OutboundMessage, *, keep_going: Callable[[], bool] = lambda: True
+        self,
+        message: OutboundMessage,
+        *,
+        keep_going: Callable[[], bool] = lambda: True,
+        since: float | None = None,
     ) -> Outcome:
-        """Call until accepted, rejected, or out of tries; always with the same Idempotency-Key."""
+        """Call until accepted, rejected, or out of tries; always with the same Idempotency-Key.
+
+        `since` (a `time.monotonic()` value: when the batch of this message started)
+        places the first call among those waiting for a turn of the limiters, oldest
+        first (see `Limiter`); a retry goes before every first call.
+        """
         transport, endpoint = self._transport, self.endpoint
         if transport is None or endpoint is None:
             return Outcome("failed", 0, error="provider not configured or not open")
@@ -126,13 +136,14 @@ class ProviderClient:
             started = time.perf_counter()
             retry_after: float | None = None
             try:
+                place = since if attempt == 1 else -math.inf
                 slot = (
-                    self.semaphore.ahead()
-                    if attempt > 1 and isinstance(self.semaphore, Limiter)
+                    self.semaphore.turn(place)
+                    if isinstance(self.semaphore, Limiter)
                     else self.semaphore
                 )
                 async with slot:
-                    response = await transport.send(request)
+                    response = await transport.send(request, since=place)
             except httpx.TimeoutException as exc:
                 self.circuit.failure()
                 last = Outcome("failed", calls, error=f"timeout: {type(exc).__name__}")

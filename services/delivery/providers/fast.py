@@ -318,9 +318,12 @@ class FastTransport(httpx.AsyncBaseTransport):
             extensions={"http_version": b"HTTP/1.1"},
         )
 
-    async def send(self, request: RawRequest) -> ProviderAnswer:
-        """The lean path: a request whose bytes are already laid out (see `RawRequest`)."""
-        return await self.exchange(request.origin, request.payload(), request.timeout)
+    async def send(self, request: RawRequest, *, since: float | None = None) -> ProviderAnswer:
+        """The lean path: a request whose bytes are already laid out (see `RawRequest`).
+
+        `since` places it among the requests waiting for a connection (`Limiter.turn`).
+        """
+        return await self.exchange(request.origin, request.payload(), request.timeout, since=since)
 
     async def exchange(
         self,
@@ -329,9 +332,10 @@ class FastTransport(httpx.AsyncBaseTransport):
         timeouts: Mapping[str, float | None],
         *,
         request: httpx.Request | None = None,
+        since: float | None = None,
     ) -> ProviderAnswer:
         """Write one request on a pooled connection and read its answer."""
-        async with self._limit:
+        async with self._limit.turn(since):
             connection = await self._connect(origin, timeouts.get("connect"))
             loop = asyncio.get_running_loop()
             waiter = connection.waiter = loop.create_future()

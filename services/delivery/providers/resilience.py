@@ -1,12 +1,13 @@
 """A circuit breaker per provider, a token bucket per channel (time is injected), and a
-FIFO limiter for calls in flight."""
+limiter for calls in flight (oldest work first)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import heapq
+import itertools
+import math
 import time
-from collections import deque
 from collections.abc import Callable
 from enum import StrEnum
 
@@ -108,12 +109,22 @@ class TokenBucket:
 
 
 class Limiter:
-    """At most `limit` holders at once; waiters get their turn in arrival order.
+    """At most `limit` holders at once; waiters get their turn oldest work first.
 
-    What `asyncio.Semaphore` does, at a constant cost per acquire however many wait:
-    Python 3.11's `Semaphore.locked()` walks every waiter on each acquire, which with
-    thousands of calls queued behind the connection limit became a cost per call that
-    grew with the queue.
+    A waiter's place is its `since`: a `time.monotonic()` value, by default the moment it
+    asked, so that plain `async with limiter:` is first come, first served. Delivery
+    passes the moment its batch started instead (`turn(since)`), so the calls of the
+    oldest batch go first: with every batch's calls served in arrival order, the batches
+    of all partitions advanced together, ended their calls together and then all waited
+    at once - for their last retries' backoff, for the round that records the answers,
+    for the next batch - with the connections idle. Oldest first, one batch's calls end
+    while the next batches' still fill the connections, and its wait overlaps their
+    calls. Equal places keep arrival order; a waiter that gives up takes no turn.
+
+    What `asyncio.Semaphore` does (but in arrival order only), at a cost per acquire
+    that does not grow with the queue: Python 3.11's `Semaphore.locked()` walks every
+    waiter on each acquire, which with thousands of calls queued behind the connection
+    limit became a cost per call that grew with the queue.
     """
 
     def __init__(self, limit: int) -> None:
@@ -121,42 +132,45 @@ class Limiter:
             raise ValueError("limit must be at least 1")
         self.limit = limit
         self._free = limit
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        # (since, arrival, future): a heap; futures of waiters that gave up stay in it
+        # (cancelled) until `release` meets them.
+        self._waiters: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._arrivals = itertools.count()
 
     @property
     def in_use(self) -> int:
         return self.limit - self._free
 
-    async def acquire(self, *, ahead: bool = False) -> None:
-        """Wait for a turn; `ahead` goes before every waiter (see `ahead()`)."""
+    async def acquire(self, since: float | None = None) -> None:
+        """Wait for a turn; `since` places the waiter (default: now; -inf: before all)."""
         if self._free > 0 and not self._waiters:
             self._free -= 1
             return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if ahead:
-            self._waiters.appendleft(waiter)
-        else:
-            self._waiters.append(waiter)
+        place = time.monotonic() if since is None else since
+        heapq.heappush(self._waiters, (place, next(self._arrivals), waiter))
         try:
             await waiter
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
                 self.release()  # handed a turn just as it was cancelled: pass it on
-            else:
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(waiter)
             raise
 
     def release(self) -> None:
-        """Hand the turn to the oldest waiter, or give it back."""
-        while self._waiters:
-            waiter = self._waiters.popleft()
+        """Hand the turn to the first waiter in place order, or give it back."""
+        waiters = self._waiters
+        while waiters:
+            waiter = heapq.heappop(waiters)[2]
             if not waiter.done():
                 waiter.set_result(None)
                 return
         self._free += 1
 
-    def ahead(self) -> _Ahead:
+    def turn(self, since: float | None) -> _Turn:
+        """`async with limiter.turn(since):` a turn placed at `since` (see the class)."""
+        return _Turn(self, since)
+
+    def ahead(self) -> _Turn:
         """`async with limiter.ahead():` a turn before everyone waiting.
 
         For a provider call's retry: its touch has waited once already, and the batch it
@@ -164,7 +178,7 @@ class Limiter:
         of the other batches), every retry cost a full turn of the queue, and the batches
         with a failure sat nearly idle for it: that was most of the rate lost with 5xx.
         """
-        return _Ahead(self)
+        return _Turn(self, -math.inf)
 
     async def __aenter__(self) -> None:
         await self.acquire()
@@ -173,14 +187,15 @@ class Limiter:
         self.release()
 
 
-class _Ahead:
-    __slots__ = ("limiter",)
+class _Turn:
+    __slots__ = ("limiter", "since")
 
-    def __init__(self, limiter: Limiter) -> None:
+    def __init__(self, limiter: Limiter, since: float | None) -> None:
         self.limiter = limiter
+        self.since = since
 
     async def __aenter__(self) -> None:
-        await self.limiter.acquire(ahead=True)
+        await self.limiter.acquire(self.since)
 
     async def __aexit__(self, *exc: object) -> None:
         self.limiter.release()
