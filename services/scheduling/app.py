@@ -23,20 +23,23 @@ from shared.service import ServiceContext, ServiceSpec, Worker
 
 
 def event_handlers(ctx: ServiceContext) -> Mapping[type[EventData], EventHandler]:
-    outcome = functools.partial(handlers.on_delivery_outcome, ctx)
     return {
         PromotionEnded: functools.partial(handlers.on_promotion_ended, ctx),
         PromotionCancelled: functools.partial(handlers.on_promotion_cancelled, ctx),
         UserUpdated: functools.partial(handlers.on_user_updated, ctx),
         UserErased: functools.partial(handlers.on_user_erased, ctx),
         EngagementRecorded: functools.partial(handlers.on_engagement, ctx),
-        DeliverySent: outcome,
-        DeliveryFailed: outcome,
     }
 
 
 def batch_handlers(ctx: ServiceContext) -> Mapping[type[EventData], BatchEventHandler]:
-    return {AudienceMemberResolved: functools.partial(planning.on_audience_members, ctx)}
+    outcomes = functools.partial(handlers.on_delivery_outcomes, ctx)
+    return {
+        AudienceMemberResolved: functools.partial(planning.on_audience_members, ctx),
+        # Sent and failed in one call, in their order (see handlers.on_delivery_outcomes).
+        DeliverySent: outcomes,
+        DeliveryFailed: outcomes,
+    }
 
 
 def make_spec(config: SchedulingSettings | None = None) -> ServiceSpec:

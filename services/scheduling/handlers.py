@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import String, bindparam, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.scheduling import domain, store
@@ -22,7 +22,7 @@ from services.scheduling.state import (
     lock_users,
     policy_at,
 )
-from shared.db import insert_ignore, upsert
+from shared.db import UtcDateTime, insert_ignore, upsert
 from shared.events import (
     DeliveryFailed,
     DeliverySent,
@@ -319,32 +319,58 @@ async def _policy_of_promotion(
     return await policy_at(ctx, conn, row.policy, row.policy_version)
 
 
-async def on_delivery_outcome(ctx: ServiceContext, event: Event[Any]) -> None:
+_SETTLE_TOUCH = (
+    update(store.touches)
+    .where(store.touches.c.touch_id == bindparam("b_touch_id"))
+    # Not IN (...): an expanding parameter cannot be used with executemany.
+    .where(or_(store.touches.c.status == "planned", store.touches.c.status == "dispatched"))
+    .values(
+        status=bindparam("b_status"),
+        reason=bindparam("b_reason"),
+        channel=func.coalesce(bindparam("b_channel", type_=String()), store.touches.c.channel),
+        updated_at=bindparam("b_updated_at", type_=UtcDateTime()),
+    )
+)
+_SETTLE_CONTACT = upsert(store.contacts, ["touch_id"], ["status"])
+
+
+async def on_delivery_outcomes(ctx: ServiceContext, events: Sequence[Event[Any]]) -> None:
     """delivery.sent confirms the reserved slot; delivery.failed releases it (nothing reached
-    the user, so the slot may serve a later touch)."""
-    outcome: DeliverySent | DeliveryFailed = event.data
-    sent = isinstance(outcome, DeliverySent)
+    the user, so the slot may serve a later touch).
+
+    A batch (sent and failed mixed, in their order) in one transaction, with the same result
+    as one event at a time: a touch takes the status of its first outcome (later ones find it
+    settled), its contact the status of its last one (an upsert of each)."""
     now = ctx.clock.now()
-    t, c = store.touches, store.contacts
-    async with ctx.db.begin() as conn:
-        values: dict[str, Any] = {"status": "sent" if sent else "failed", "updated_at": now}
-        values["reason"] = None if isinstance(outcome, DeliverySent) else str(outcome.reason)[:32]
-        if outcome.channel is not None:
-            values["channel"] = outcome.channel
-        await conn.execute(
-            update(t)
-            .where(t.c.touch_id == outcome.touch_id)
-            .where(t.c.status.in_(("planned", "dispatched")))
-            .values(**values)
+    touches: dict[str, dict[str, Any]] = {}
+    contacts: dict[str, dict[str, Any]] = {}
+    for event in events:
+        outcome: DeliverySent | DeliveryFailed = event.data
+        sent = not isinstance(outcome, DeliveryFailed)
+        touches.setdefault(
+            outcome.touch_id,
+            {
+                "b_touch_id": outcome.touch_id,
+                "b_status": "sent" if sent else "failed",
+                "b_reason": str(outcome.reason)[:32]
+                if isinstance(outcome, DeliveryFailed)
+                else None,
+                "b_channel": outcome.channel,
+                "b_updated_at": now,
+            },
         )
-        await conn.execute(
-            upsert(c, ["touch_id"], ["status"]),
+        first = contacts.setdefault(
+            outcome.touch_id,
             {
                 "touch_id": outcome.touch_id,
                 "user_id": outcome.user_id,
                 "at": outcome.at,
                 "promotion_id": outcome.promotion_id,
                 "wave": outcome.wave,
-                "status": "sent" if sent else "released",
             },
         )
+        first["status"] = "sent" if sent else "released"
+    # In touch id order, so that concurrent batches lock rows in the same order.
+    async with ctx.db.begin() as conn:
+        await conn.execute(_SETTLE_TOUCH, [touches[k] for k in sorted(touches)])
+        await conn.execute(_SETTLE_CONTACT, [contacts[k] for k in sorted(contacts)])
