@@ -262,7 +262,8 @@ class Outcome:
 
 def replayed_after_crash(provider: ProviderServer, killed_at: float | None) -> set[str]:
     """The keys a killed delivery process called again, as PRODUCT.md allows: a touch
-    whose call the provider had accepted before the kill (monotonic `killed_at`) but whose
+    whose call the provider had accepted before the kill (monotonic `killed_at`: a moment
+    after the kill and before the restart, when delivery can neither call nor answer) but whose
     answer delivery had not recorded yet stays `sending`, and the redelivered event repeats
     that very call - same Idempotency-Key, same body - after the restart, so that the
     provider (which honours the key) sends it once. Any other repeat is a double send."""
