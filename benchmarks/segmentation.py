@@ -2,6 +2,7 @@
 
     python -m benchmarks.segmentation [--users 1000000] [--ingest 200000] [--concurrency 4]
                                       [--audience N] [--keep] [--json PATH] [--profile PREFIX]
+                                      [--ingest-only]
 
 Needs AFTERGLOW_DATABASE_URL (PostgreSQL) and AFTERGLOW_KAFKA_BOOTSTRAP_SERVERS (from
 `make up`; `. .run/env`). Works in a database of its own, dropped afterwards unless --keep.
@@ -18,6 +19,7 @@ Prints users/s, activities/s, events/s and peak memory (ru_maxrss), the p50 and 
 of the `POST /v1/activities` requests, and the CPU time that ingest and emission cost this
 process and the PostgreSQL backends of the benchmark's database (per 1,000 items): on a
 loaded machine the wall-clock rates are pessimistic, CPU per item much less so. Asserts nothing.
+`--ingest-only` skips steps 2 and 4 (with a smaller `--users`, a short run of the ingest).
 `--profile PREFIX` writes cProfile statistics of this process (the server side) for the
 ingest and the emission to PREFIX-ingest.prof and PREFIX-audience.prof.
 
@@ -336,8 +338,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await conn.execute(text("COMMIT"))
                 await conn.execute(text("VACUUM ANALYZE segmentation.aggregates"))
             for label, key in (
-                ("rescoring (first)", "rescoring_first_s"),
-                ("rescoring (again)", "rescoring_s"),
+                ()
+                if args.ingest_only
+                else (
+                    ("rescoring (first)", "rescoring_first_s"),
+                    ("rescoring (again)", "rescoring_s"),
+                )
             ):
                 started = time.perf_counter()
                 ranking = await handlers.rescore(ctx)
@@ -375,6 +381,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 ingest_db_cpu_ms_per_1000=db_cpu,
             )
 
+            if args.ingest_only:
+                await engine.dispose()
+                return figures
             audience = args.audience or users
             async with engine.begin() as conn:
                 await conn.execute(
@@ -423,6 +432,11 @@ def main() -> None:
     parser.add_argument("--audience", type=int, default=0, help="participants (default: users)")
     parser.add_argument("--chunk", type=int, default=10_000, help="audience events per chunk")
     parser.add_argument("--outbox-batch", type=int, default=5000)
+    parser.add_argument(
+        "--ingest-only",
+        action="store_true",
+        help="after generating and rebuilding, only the REST ingest (no rescoring, no audience)",
+    )
     parser.add_argument("--database-url", default=None)
     parser.add_argument("--kafka", default=None)
     parser.add_argument("--keep", action="store_true", help="keep the database afterwards")
