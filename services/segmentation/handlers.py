@@ -243,23 +243,29 @@ async def _record_postgres(
     now: datetime,
     topic: str | None,
 ) -> int:
-    """One statement inserts, folds and announces; a second one looks for abuse."""
+    """One statement inserts, folds and announces; a second one looks for abuse among the
+    new purchases of the users the first one returned (few: most have fewer purchases than
+    the threshold, or are flagged already)."""
     config = config_of(ctx)
     async with ctx.db.begin() as conn:
-        new_ids = set(
-            await store.record_batch_postgres(
-                conn,
-                batch,
-                now=now,
-                default_start=domain.ltv_window_start(now, config.ltv.window_months),
-                topic=topic,
-                headers=None if topic is None else _applied_by_header(ctx),
-            )
+        recorded = await store.record_batch_postgres(
+            conn,
+            batch,
+            now=now,
+            default_start=domain.ltv_window_start(now, config.ltv.window_months),
+            topic=topic,
+            headers=None if topic is None else _applied_by_header(ctx),
+            abuse_threshold=config.abuse.same_item_purchases,
         )
+        review = recorded.review
+        new_ids = set(recorded.new_ids) if review else set()
         purchases = [
             (i["user_id"], i["item_id"], i["occurred_at"])
             for i in items
-            if i["kind"] == "purchase" and i.get("item_id") is not None and i["id"] in new_ids
+            if i["user_id"] in review
+            and i["kind"] == "purchase"
+            and i.get("item_id") is not None
+            and i["id"] in new_ids
         ]
         if purchases:
             flagged = await store.flag_abuse_postgres(
@@ -271,7 +277,7 @@ async def _record_postgres(
             )
             if flagged:
                 log.info("users flagged for abuse review", extra={"users": len(flagged)})
-    return len(new_ids)
+    return len(recorded.new_ids)
 
 
 async def record_activities(

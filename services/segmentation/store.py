@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import date, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from sqlalchemy import (
@@ -845,7 +845,10 @@ async def rebuild_aggregates(conn: AsyncConnection, start: date, now: datetime) 
 # and, from what the INSERT returned, folded into the aggregates and the monthly buckets
 # and, for REST batches, announced through the outbox - all in one statement and one round
 # trip. Rows are locked in key order (ids, then users, then user-months) so that concurrent
-# batches touching the same users wait for each other instead of deadlocking.
+# batches touching the same users wait for each other instead of deadlocking. It also returns
+# the users the abuse check has to look at (`RecordedBatch.review`): those not flagged yet
+# whose purchases, as this batch left them, reach the threshold - what `FLAG_ABUSE` would
+# keep of the others anyway, found without reading every buyer's aggregates row again.
 _SIGNED = (
     "CASE kind WHEN 'purchase' THEN coalesce(amount, 0.0) "
     "WHEN 'refund' THEN -coalesce(amount, 0.0) ELSE 0.0 END"
@@ -910,6 +913,7 @@ folded AS (
         last_purchase_at = greatest(t.last_purchase_at, excluded.last_purchase_at),
         last_interaction_at = greatest(t.last_interaction_at, excluded.last_interaction_at),
         updated_at = excluded.updated_at
+    RETURNING t.user_id, t.purchases, t.abuse_review
 ),
 months AS (
     INSERT INTO {SCHEMA}.user_months AS t (user_id, month, amount, purchases)
@@ -924,7 +928,10 @@ months AS (
         purchases = t.purchases + excluded.purchases
 )
 {{announce}}
-SELECT id FROM new
+SELECT id, false AS review FROM new
+UNION ALL
+SELECT user_id, true FROM folded
+WHERE purchases >= CAST(:threshold AS integer) AND NOT abuse_review
 """
 _ANNOUNCE = f""",
 announced AS (
@@ -940,7 +947,10 @@ RECORD_BATCH_ANNOUNCED = text(_RECORD_BATCH.replace("{announce}", _ANNOUNCE))
 # Users who bought one item `threshold` times within `window` (inclusive), among the pairs
 # of new purchases: each purchase counts those of the same pair in the window after it.
 # Only users not flagged yet with `threshold` purchases in all (their aggregates, just
-# updated by this batch) are looked at: fewer cannot hold that many of one item.
+# updated by this batch) are looked at: fewer cannot hold that many of one item. Nor are
+# pairs whose user bought fewer than `threshold` times in the calendar months (UTC, as the
+# monthly buckets count purchases) of the pair's span: the purchases in the span are fewer
+# still. That spares reading the activities of users whose purchases are spread over time.
 _FLAG_ABUSE = f"""
 WITH pairs AS (
     SELECT p.user_id, p.item_id,
@@ -952,13 +962,22 @@ WITH pairs AS (
     WHERE g.purchases >= CAST(:threshold AS integer) AND NOT g.abuse_review
     GROUP BY p.user_id, p.item_id
 ),
+likely AS (
+    SELECT p.* FROM pairs p
+    WHERE (
+        SELECT coalesce(sum(m.purchases), 0) FROM {SCHEMA}.user_months m
+        WHERE m.user_id = p.user_id
+          AND m.month BETWEEN date_trunc('month', p.since AT TIME ZONE 'UTC')::date
+                          AND date_trunc('month', p.until AT TIME ZONE 'UTC')::date
+    ) >= CAST(:threshold AS integer)
+),
 bought AS (
     SELECT a.user_id,
            count(*) OVER (
                PARTITION BY a.user_id, a.item_id ORDER BY a.occurred_at
                RANGE BETWEEN CURRENT ROW AND CAST(:window AS interval) FOLLOWING
            ) AS purchases
-    FROM pairs p
+    FROM likely p
     JOIN {SCHEMA}.activities a ON a.user_id = p.user_id AND a.item_id = p.item_id
     WHERE a.kind = 'purchase' AND a.occurred_at BETWEEN p.since AND p.until
 )
@@ -970,6 +989,14 @@ RETURNING user_id
 FLAG_ABUSE = text(_FLAG_ABUSE)
 
 
+class RecordedBatch(NamedTuple):
+    """What `record_batch_postgres` did: the ids that were new, and the users that the abuse
+    check has to look at (not flagged, with `abuse_threshold` purchases or more now)."""
+
+    new_ids: list[str]
+    review: set[str]
+
+
 async def record_batch_postgres(
     conn: AsyncConnection,
     batch: ActivityBatch,
@@ -978,17 +1005,20 @@ async def record_batch_postgres(
     default_start: date,
     topic: str | None,
     headers: str | None = None,
-) -> list[str]:
-    """Insert, fold and (with `topic`) announce a batch; returns the ids that were new.
+    abuse_threshold: int | None = None,
+) -> RecordedBatch:
+    """Insert, fold and (with `topic`) announce a batch.
 
     An announced batch needs its lanes and payloads (`encoding.activity_batch`'s announce);
-    `headers`: the outbox rows' headers, as the outbox stores them (JSON).
+    `headers`: the outbox rows' headers, as the outbox stores them (JSON). Without
+    `abuse_threshold` no user is returned for review.
     """
     params: dict[str, Any] = {
         "batch": batch.rows,
         "payloads": batch.payloads,
         "now": now,
         "default_start": default_start,
+        "threshold": abuse_threshold,
     }
     if topic is None:
         result = await conn.execute(RECORD_BATCH, params)
@@ -996,7 +1026,14 @@ async def record_batch_postgres(
         result = await conn.execute(
             RECORD_BATCH_ANNOUNCED, {**params, "topic": topic, "headers": headers}
         )
-    return list(result.scalars())
+    new_ids: list[str] = []
+    review: set[str] = set()
+    for key, for_review in result:
+        if for_review:
+            review.add(key)
+        else:
+            new_ids.append(key)
+    return RecordedBatch(new_ids, review)
 
 
 async def flag_abuse_postgres(

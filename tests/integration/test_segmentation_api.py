@@ -537,6 +537,19 @@ async def test_the_same_item_ten_times_in_three_hours_flags_abuse(service: Servi
     assert (await service.client.get("/v1/users/u-x/segment")).json()["abuse_review"] is True
 
 
+async def test_ten_purchases_of_one_item_across_a_month_boundary_flag_abuse(
+    service: Service,
+) -> None:
+    month_start = NOW.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    times = [month_start + timedelta(minutes=10 * i) for i in range(-5, 5)]
+    batch = [purchase(i, "u-y", 5, at, item_id="sku-1") for i, at in enumerate(times[:9])]
+    await service.client.post("/v1/activities", json={"activities": batch})
+    assert (await service.client.get("/v1/users/u-y/segment")).json()["abuse_review"] is False
+    tenth = purchase(99, "u-y", 5, times[9], item_id="sku-1")
+    await service.client.post("/v1/activities", json={"activities": [tenth]})
+    assert (await service.client.get("/v1/users/u-y/segment")).json()["abuse_review"] is True
+
+
 # -- audiences -----------------------------------------------------------------------------------
 
 

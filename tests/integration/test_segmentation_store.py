@@ -10,11 +10,11 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from services.segmentation import domain, encoding, store
 from shared.db import Database
-from shared.migrations import upgrade_async
+from shared.migrations import current_async, downgrade_async, upgrade_async
 from tests.conftest import fresh_database
 
 NOW = datetime(2026, 3, 8, 12, 0, tzinfo=UTC)
@@ -36,6 +36,44 @@ async def db(
         await database.start()
         stack.push_async_callback(database.stop)
         yield database
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_the_migrations_go_down_and_up_again(
+    request: pytest.FixtureRequest, tmp_path: Path, unique: str, backend: str
+) -> None:
+    """0003 (room for HOT updates of the aggregates) downgrades and upgrades on both."""
+    async with contextlib.AsyncExitStack() as stack:
+        if backend == "sqlite":
+            url = f"sqlite+aiosqlite:///{tmp_path / 'seg.db'}"
+        else:
+            postgres = request.getfixturevalue("postgres_url")
+            url = await stack.enter_async_context(fresh_database(postgres, f"t_{unique}"))
+
+        async def fillfactor() -> str | None:
+            database = Database(url, "segmentation")
+            await database.start()
+            try:
+                async with database.connect() as conn:
+                    return await conn.scalar(
+                        text(
+                            "SELECT array_to_string(reloptions, ',') FROM pg_class "
+                            "WHERE oid = CAST('segmentation.aggregates' AS regclass)"
+                        )
+                    )
+            finally:
+                await database.stop()
+
+        await upgrade_async(url, "segmentation")
+        assert await current_async(url, "segmentation") == "0003"
+        if backend == "postgres":
+            assert await fillfactor() == "fillfactor=85"
+        await downgrade_async(url, "segmentation", "0002")
+        assert await current_async(url, "segmentation") == "0002"
+        if backend == "postgres":
+            assert await fillfactor() is None
+        await upgrade_async(url, "segmentation")
+        assert await current_async(url, "segmentation") == "0003"
 
 
 def population(n: int, seed: int) -> list[domain.Aggregates]:
@@ -196,9 +234,10 @@ async def test_the_set_based_batch_folds_like_the_rules(db: Database) -> None:
         batch = acts[max(0, chunk - 20) : chunk + 100]
         rows = encoding.activity_batch([a.__dict__ for a in batch])
         async with db.begin() as conn:
-            new += await store.record_batch_postgres(
+            recorded = await store.record_batch_postgres(
                 conn, rows, now=NOW, default_start=start, topic=None
             )
+            new += recorded.new_ids
     kept = [a for a in acts if a.user_id != "u-24"]
     assert sorted(new) == sorted(a.id for a in kept)
     expected = {d.user_id: d for d in domain.fold_activities(kept, start)}
