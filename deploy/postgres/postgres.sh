@@ -176,7 +176,11 @@ listen_addresses = '127.0.0.1'
 port = $PG_PORT
 unix_socket_directories = $sockets
 max_connections = 200
-shared_buffers = 256MB
+# The ingest's indexes (activities at 10,000,000 rows) stay in memory, and the WAL's full
+# page images are compressed: REST ingest at 1,000,000 users went from 17,074 to 21,685
+# activities/s (PostgreSQL CPU per 1,000 activities 61.9 -> 51.9 ms) against 256MB and none.
+shared_buffers = 1GB
+wal_compression = lz4
 log_line_prefix = '%m [%p] %q%u@%d '
 log_timezone = 'UTC'
 EOF
