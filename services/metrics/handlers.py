@@ -742,9 +742,11 @@ async def on_events(ctx: ServiceContext, events: Sequence[Event[Any]]) -> None:
 
         async def run(batch: list[Event[Any]]) -> None:
             horizon = ctx.clock.now() - retention
-            fresh = [e for e in batch if e.time >= horizon]
-            if len(fresh) < len(batch):
-                stale = [e for e in batch if e.time < horizon]
+            fresh: list[Event[Any]] = []
+            stale: list[Event[Any]] = []
+            for e in batch:
+                (fresh if e.time >= horizon else stale).append(e)
+            if stale:
                 for e in stale:
                     stale_total.labels(type=e.type).inc()
                 log.warning(

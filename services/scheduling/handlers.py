@@ -359,7 +359,7 @@ async def on_delivery_outcomes(ctx: ServiceContext, events: Sequence[Event[Any]]
                 "b_updated_at": now,
             },
         )
-        first = contacts.setdefault(
+        contact = contacts.setdefault(
             outcome.touch_id,
             {
                 "touch_id": outcome.touch_id,
@@ -369,7 +369,7 @@ async def on_delivery_outcomes(ctx: ServiceContext, events: Sequence[Event[Any]]
                 "wave": outcome.wave,
             },
         )
-        first["status"] = "sent" if sent else "released"
+        contact["status"] = "sent" if sent else "released"
     # In touch id order, so that concurrent batches lock rows in the same order.
     async with ctx.db.begin() as conn:
         await conn.execute(_SETTLE_TOUCH, [touches[k] for k in sorted(touches)])
