@@ -2,7 +2,7 @@
 
     python -m benchmarks.segmentation [--users 1000000] [--ingest 200000] [--concurrency 4]
                                       [--audience N] [--keep] [--json PATH] [--profile PREFIX]
-                                      [--ingest-only]
+                                      [--ingest-only | --audience-only]
 
 Needs AFTERGLOW_DATABASE_URL (PostgreSQL) and AFTERGLOW_KAFKA_BOOTSTRAP_SERVERS (from
 `make up`; `. .run/env`). Works in a database of its own, dropped afterwards unless --keep.
@@ -19,7 +19,8 @@ Prints users/s, activities/s, events/s and peak memory (ru_maxrss), the p50 and 
 of the `POST /v1/activities` requests, and the CPU time that ingest and emission cost this
 process and the PostgreSQL backends of the benchmark's database (per 1,000 items): on a
 loaded machine the wall-clock rates are pessimistic, CPU per item much less so. Asserts nothing.
-`--ingest-only` skips steps 2 and 4 (with a smaller `--users`, a short run of the ingest).
+`--ingest-only` skips steps 2 and 4 (with a smaller `--users`, a short run of the ingest);
+`--audience-only` skips step 3 and ranks once (a short run of the emission).
 `--profile PREFIX` writes cProfile statistics of this process (the server side) for the
 ingest and the emission to PREFIX-ingest.prof and PREFIX-audience.prof.
 
@@ -289,6 +290,42 @@ async def ingest(app: Any, users: int, total: int, concurrency: int) -> dict[str
         await serving
 
 
+async def run_ingest(
+    args: argparse.Namespace,
+    app: Any,
+    ctx: ServiceContext,
+    meter: CpuMeter,
+    figures: dict[str, Any],
+) -> None:
+    """Step 3: the REST ingest, until the outbox published every activity to Kafka."""
+    users = args.users
+    before = ctx.outbox.published_total
+    spent: dict[str, float] = {}
+    async with meter.measure(spent), profiled(args.profile, "ingest"):
+        sent = await ingest(app, users, args.ingest, args.concurrency)
+        recorded = int(sent["recorded"])
+        line(f"REST ingest (x{args.concurrency})", recorded, sent["seconds"], "activities")
+        while ctx.outbox.published_total - before < recorded:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        # From the client's first request (wall clock: the client is another process).
+        published = time.time() - sent["started_at"]
+    line("  ... published to Kafka", recorded, published, "activities")
+    print(f"    POST /v1/activities p50 {sent['p50_ms']:.1f} ms, p99 {sent['p99_ms']:.1f} ms")
+    cpu, db_cpu = cpu_line(spent, recorded)
+    figures.update(
+        ingest_activities=recorded,
+        ingest_concurrency=args.concurrency,
+        ingest_s=sent["seconds"],
+        ingest_activities_per_s=recorded / sent["seconds"],
+        ingest_published_s=published,
+        ingest_published_per_s=recorded / published,
+        ingest_p50_ms=sent["p50_ms"],
+        ingest_p99_ms=sent["p99_ms"],
+        ingest_cpu_ms_per_1000=cpu,
+        ingest_db_cpu_ms_per_1000=db_cpu,
+    )
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     server = args.database_url or os.environ.get("AFTERGLOW_DATABASE_URL", "")
     kafka = args.kafka or os.environ.get("AFTERGLOW_KAFKA_BOOTSTRAP_SERVERS", "")
@@ -340,6 +377,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             for label, key in (
                 ()
                 if args.ingest_only
+                else (("rescoring (first)", "rescoring_first_s"),)
+                if args.audience_only
                 else (
                     ("rescoring (first)", "rescoring_first_s"),
                     ("rescoring (again)", "rescoring_s"),
@@ -353,34 +392,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 figures[key] = seconds
                 figures["rescoring_users_per_s"] = ranking.users / seconds
 
-            before = ctx.outbox.published_total
-            spent: dict[str, float] = {}
-            async with meter.measure(spent), profiled(args.profile, "ingest"):
-                sent = await ingest(app, users, args.ingest, args.concurrency)
-                recorded = int(sent["recorded"])
-                line(f"REST ingest (x{args.concurrency})", recorded, sent["seconds"], "activities")
-                while ctx.outbox.published_total - before < recorded:  # noqa: ASYNC110
-                    await asyncio.sleep(0.01)
-                # From the client's first request (wall clock: the client is another process).
-                published = time.time() - sent["started_at"]
-            line("  ... published to Kafka", recorded, published, "activities")
-            print(
-                f"    POST /v1/activities p50 {sent['p50_ms']:.1f} ms, p99 {sent['p99_ms']:.1f} ms"
-            )
-            cpu, db_cpu = cpu_line(spent, recorded)
-            figures.update(
-                ingest_activities=recorded,
-                ingest_concurrency=args.concurrency,
-                ingest_s=sent["seconds"],
-                ingest_activities_per_s=recorded / sent["seconds"],
-                ingest_published_s=published,
-                ingest_published_per_s=recorded / published,
-                ingest_p50_ms=sent["p50_ms"],
-                ingest_p99_ms=sent["p99_ms"],
-                ingest_cpu_ms_per_1000=cpu,
-                ingest_db_cpu_ms_per_1000=db_cpu,
-            )
-
+            if not args.audience_only:
+                await run_ingest(args, app, ctx, meter, figures)
             if args.ingest_only:
                 await engine.dispose()
                 return figures
@@ -436,6 +449,11 @@ def main() -> None:
         "--ingest-only",
         action="store_true",
         help="after generating and rebuilding, only the REST ingest (no rescoring, no audience)",
+    )
+    parser.add_argument(
+        "--audience-only",
+        action="store_true",
+        help="after generating, rebuilding and one ranking, only the audience emission",
     )
     parser.add_argument("--database-url", default=None)
     parser.add_argument("--kafka", default=None)
