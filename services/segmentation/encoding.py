@@ -125,8 +125,16 @@ def _activity_fields(item: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+# The kept figures a tag rule without a window may read, in `_kept` order.
+_KEPT_METRICS = ("r", "f", "m", "purchases", "spend", "ltv")
+
+
 class AudienceEncoder:
-    """Encodes `audience.member_resolved` events of one promotion as of `now`."""
+    """Encodes `audience.member_resolved` events of one promotion as of `now`.
+
+    `encode_row` takes a row of `store.audience_query` with `windows` as its window
+    columns; `encode` the same inputs by name, with the window counts apart.
+    """
 
     def __init__(
         self,
@@ -157,16 +165,46 @@ class AudienceEncoder:
         ltv = config.ltv
         self._high = ltv.high_potential_above
         self._churn = ltv.potential_churn_from
-        self._tags = [
-            (rule.name, rule.metric, rule.within_days, domain.TAG_OPS[rule.op], rule.value)
+        # The (days, metric) window counts the tag rules read: the query's window columns.
+        self.windows: list[tuple[int, str]] = list(
+            dict.fromkeys(
+                (rule.within_days, rule.metric)
+                for rule in config.tags
+                if rule.within_days is not None
+            )
+        )
+        # Each rule as (name, reads a window column, index in the columns or in `_kept`
+        # or None for a figure no rule without a window has, op, value).
+        self._tags: list[tuple[str, bool, int | None, Callable[[Any, Any], bool], float]] = [
+            (
+                rule.name,
+                rule.within_days is not None,
+                self.windows.index((rule.within_days, rule.metric))
+                if rule.within_days is not None
+                else _KEPT_METRICS.index(rule.metric)
+                if rule.metric in _KEPT_METRICS
+                else None,
+                domain.TAG_OPS[rule.op],
+                rule.value,
+            )
             for rule in config.tags
         ]
-        # Only the rules without a window read the kept figures.
         self._kept_tags = any(rule.within_days is None for rule in config.tags)
         if cuts is not None:
             self._recency = _Thresholds(cuts.recency)
             self._frequency = _Thresholds(cuts.frequency)
             self._monetary = _Thresholds(cuts.monetary)
+        # The envelope around `data`, which only the id and the subject vary in.
+        self._envelope: dict[str, Any] = {
+            "specversion": SPEC_VERSION,
+            "id": "",
+            "source": source,
+            "type": self.type,
+            "time": self.time,
+            "subject": "",
+            "datacontenttype": "application/json",
+            "data": None,
+        }
 
     # -- the snapshot ------------------------------------------------------------------
 
@@ -198,70 +236,6 @@ class AudienceEncoder:
             )
         return order
 
-    def snapshot(
-        self,
-        row: Any,
-        engagement: Mapping[Any, tuple[int, int]] | None,
-        windows: Mapping[int, domain.WindowCounts] | None,
-    ) -> dict[str, Any]:
-        """`SegmentSnapshot` as JSON of one row of `store.audience_query` (see `segment_of`)."""
-        if row.purchases is None:
-            purchases, monetary, ltv = 0, 0.0, 0.0
-            last_purchase, last_interaction, abuse = None, None, False
-        else:
-            purchases, monetary, ltv = row.purchases, row.monetary, row.ltv
-            last_purchase, last_interaction = row.last_purchase_at, row.last_interaction_at
-            abuse = bool(row.abuse_review)
-        cuts = self.cuts
-        r = f = m = None
-        layer = tier = None
-        if cuts is not None:
-            r = self._recency.quintile(last_purchase)
-            f = self._frequency.quintile(purchases)
-            m = self._monetary.quintile(monetary)
-            if row.ranked_layer is not None and row.ranked_ltv == ltv:
-                layer = row.ranked_layer
-            else:
-                layer = cuts.layer(ltv)
-            tier = self._rfm_tier(r, f, m)
-        band, default = self._band(row.birth_year)
-        tags: list[str] = []
-        if self._tags:
-            kept: dict[str, Any] = {}
-            if self._kept_tags:
-                kept = {"r": r, "f": f, "m": m, "purchases": purchases, "spend": monetary}
-                kept["ltv"] = ltv
-            for name, metric, days, op, value in self._tags:
-                measured: float | None
-                if days is not None:
-                    measured = getattr(
-                        windows.get(days, _NO_WINDOW) if windows else _NO_WINDOW, metric
-                    )
-                else:
-                    measured = kept.get(metric)
-                if measured is not None and op(measured, value):
-                    tags.append(name)
-        return {
-            "rfm_tier": tier,
-            "ltv": round(ltv, 2),
-            "ltv_tier": (
-                "high_potential"
-                if ltv > self._high
-                else "potential_churn"
-                if ltv >= self._churn
-                else "silent"
-            ),
-            "age_band": band,
-            "value_layer": layer,
-            "silent": last_interaction is None or last_interaction <= self.silent_before,
-            "tags": tags,
-            "channel_order": self._order(band, default, engagement),
-            "abuse_review": abuse,
-            "r": r,
-            "f": f,
-            "m": m,
-        }
-
     # -- the event -----------------------------------------------------------------------
 
     def encode(
@@ -270,11 +244,52 @@ class AudienceEncoder:
         engagement: Mapping[Any, tuple[int, int]] | None,
         windows: Mapping[int, domain.WindowCounts] | None,
     ) -> bytes:
-        """The structured-mode CloudEvent of one participant (as `shared.events.encode`)."""
-        consent_raw = row.consent
+        """`encode_row` of the same inputs by name (`store.audience_query`'s labels), with
+        the window counts as `store.window_counts` returns them."""
+        counts = windows or {}
+        values = (
+            row.user_id,
+            row.timezone,
+            row.locale,
+            row.addresses,
+            row.consent,
+            row.birth_year,
+            row.purchases,
+            row.monetary,
+            row.ltv,
+            row.last_purchase_at,
+            row.last_interaction_at,
+            row.abuse_review,
+            row.ranked_layer,
+            row.ranked_ltv,
+            *(getattr(counts.get(days, _NO_WINDOW), metric) for days, metric in self.windows),
+        )
+        return self.encode_row(values, engagement)
+
+    def encode_row(
+        self, row: Sequence[Any], engagement: Mapping[Any, tuple[int, int]] | None
+    ) -> bytes:
+        """The structured-mode CloudEvent of one participant (as `shared.events.encode`),
+        from a row of `store.audience_query` in its column order (`segment_of`'s rules)."""
+        (
+            user_id,
+            timezone,
+            locale,
+            addresses_raw,
+            consent_raw,
+            birth_year,
+            purchases,
+            monetary,
+            ltv,
+            last_purchase,
+            last_interaction,
+            abuse,
+            ranked_layer,
+            ranked_ltv,
+            *window,
+        ) = row
         if consent_raw:
             consent = {k: bool(v) for k, v in _json(consent_raw).items()}
-            addresses_raw = row.addresses
             addresses = (
                 {k: v for k, v in _json(addresses_raw).items() if consent.get(k)}
                 if addresses_raw
@@ -282,29 +297,72 @@ class AudienceEncoder:
             )
         else:
             consent, addresses = {}, {}
-        user_id = row.user_id
-        return orjson.dumps(
-            {
-                "specversion": SPEC_VERSION,
-                "id": self._ids.next(),
-                "source": self.source,
-                "type": self.type,
-                "time": self.time,
-                "subject": user_id,
-                "datacontenttype": "application/json",
-                "data": {
-                    "user_id": user_id,
-                    "promotion_id": self.promotion_id,
-                    "ended_at": self.ended_at,
-                    "policy": self.policy,
-                    "timezone": row.timezone or "UTC",
-                    "consent": consent,
-                    "addresses": addresses,
-                    "segment": self.snapshot(row, engagement, windows),
-                    "locale": row.locale,
-                },
-            }
-        )
+        if purchases is None:
+            purchases, monetary, ltv = 0, 0.0, 0.0
+            last_purchase, last_interaction, abuse = None, None, False
+        else:
+            abuse = bool(abuse)
+        cuts = self.cuts
+        r = f = m = None
+        layer = tier = None
+        if cuts is not None:
+            r = self._recency.quintile(last_purchase)
+            f = self._frequency.quintile(purchases)
+            m = self._monetary.quintile(monetary)
+            key = (r, f, m)
+            tier = self._tiers.get(key) or self._rfm_tier(r, f, m)
+            layer = ranked_layer if ranked_layer is not None and ranked_ltv == ltv else None
+            if layer is None:
+                layer = cuts.layer(ltv)
+        band_default = self._bands.get(birth_year) or self._band(birth_year)
+        band = band_default[0]
+        tags: list[str] = []
+        if self._tags:
+            kept = (r, f, m, purchases, monetary, ltv) if self._kept_tags else ()
+            for name, windowed, index, op, value in self._tags:
+                if index is None:
+                    continue
+                measured = window[index] if windowed else kept[index]
+                if measured is not None and op(measured, value):
+                    tags.append(name)
+        event = self._envelope.copy()
+        event["id"] = self._ids.next()
+        event["subject"] = user_id
+        event["data"] = {
+            "user_id": user_id,
+            "promotion_id": self.promotion_id,
+            "ended_at": self.ended_at,
+            "policy": self.policy,
+            "timezone": timezone or "UTC",
+            "consent": consent,
+            "addresses": addresses,
+            "segment": {
+                "rfm_tier": tier,
+                "ltv": round(ltv, 2),
+                "ltv_tier": (
+                    "high_potential"
+                    if ltv > self._high
+                    else "potential_churn"
+                    if ltv >= self._churn
+                    else "silent"
+                ),
+                "age_band": band,
+                "value_layer": layer,
+                "silent": last_interaction is None or last_interaction <= self.silent_before,
+                "tags": tags,
+                "channel_order": (
+                    self._order(band, band_default[1], engagement)
+                    if engagement
+                    else band_default[1]
+                ),
+                "abuse_review": abuse,
+                "r": r,
+                "f": f,
+                "m": m,
+            },
+            "locale": locale,
+        }
+        return orjson.dumps(event)
 
 
 class _Thresholds:

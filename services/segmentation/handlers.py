@@ -594,8 +594,9 @@ async def emit_audience(
 ) -> bool:
     """Publish the audience from its cursor on; True when it stopped after `max_chunks`.
 
-    One query streams the participants with their profile, aggregates and ranking in
-    user id order (a server-side cursor on PostgreSQL), `audience_chunk` rows at a time.
+    One query streams the participants with their profile, aggregates, ranking and the
+    window counts the tag rules read, in user id order (a server-side cursor on
+    PostgreSQL), `audience_chunk` rows at a time (encoded by position, not by name).
     Each chunk is published straight to the bus and, once the broker acknowledged all of
     it, the cursor moves past it (its own short transaction): a crash re-emits at most the
     chunk in flight (at least once, like the outbox; consumers are idempotent), never skips.
@@ -624,27 +625,27 @@ async def emit_audience(
     topic = ctx.topic(AudienceMemberResolved.topic)
     size = config.audience_chunk
     query = store.audience_query(
-        promotion_id, state.cursor, postgres=ctx.db.is_postgres
+        promotion_id,
+        state.cursor,
+        postgres=ctx.db.is_postgres,
+        windows=encoder.windows,
+        now=now,
     ).execution_options(yield_per=size)
 
     async def next_chunk(partitions: Any) -> _Chunk | None:
         rows = await anext(partitions, None)
         if not rows:
             return None
-        user_ids = store.participants_between(promotion_id, rows[0].user_id, rows[-1].user_id)
+        first, last = rows[0][0], rows[-1][0]
         async with ctx.db.connect() as conn:
-            engagement = await store.engagement_of(conn, user_ids)
-            windows = await _windows_of(conn, user_ids, config, now)
-        encode_one = encoder.encode
-        messages = [
-            OutMessage(
-                topic,
-                row.user_id,
-                encode_one(row, engagement.get(row.user_id), windows.get(row.user_id)),
+            engagement = await store.engagement_of(
+                conn, store.participants_between(promotion_id, first, last)
             )
-            for row in rows
-        ]
-        return _Chunk(messages, rows[-1].user_id)
+        encode_row = encoder.encode_row
+        engaged = engagement.get
+        # Rows unpacked by position (the query's column order): the user id is the first.
+        messages = [OutMessage(topic, row[0], encode_row(row, engaged(row[0]))) for row in rows]
+        return _Chunk(messages, last)
 
     emitted = 0
     async with ctx.db.connect() as reader:

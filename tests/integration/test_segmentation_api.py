@@ -559,6 +559,16 @@ async def test_an_ended_promotion_emits_one_snapshot_per_participant(service: Se
         "/v1/activities",
         json={"activities": [purchase(i, f"u-{i:04d}", 100 + i, NOW) for i in range(50)]},
     )
+    # Six purchases within 30 days (the default tag `social_layer`), a seventh long before.
+    days = [1, 3, 5, 8, 13, 21, 200]
+    await service.client.post(
+        "/v1/activities",
+        json={
+            "activities": [
+                purchase(100 + i, "u-0002", 20, NOW - timedelta(days=d)) for i, d in enumerate(days)
+            ]
+        },
+    )
     await handlers.rescore(service.ctx)
     users = [f"u-{i:04d}" for i in range(2500)]
     for start in range(0, len(users), 1000):
@@ -591,6 +601,17 @@ async def test_an_ended_promotion_emits_one_snapshot_per_participant(service: Se
     assert member.segment.rfm_tier is not None and member.segment.r is not None
     stranger = next(e for e in audience if e.user_id == "u-2000")
     assert stranger.consent == {} and stranger.segment.silent is True
+    tagged = {e.user_id for e in audience if "social_layer" in e.segment.tags}
+    assert tagged == {"u-0002"}, "the tag counts purchases within its window only"
+    for user_id in ("u-0001", "u-0002", "u-0003"):
+        snapshot = next(e for e in audience if e.user_id == user_id).segment
+        shown = (await service.client.get(f"/v1/users/{user_id}/segment")).json()
+        assert (snapshot.tags, snapshot.value_layer, snapshot.rfm_tier, snapshot.ltv) == (
+            shown["tags"],
+            shown["value_layer"],
+            shown["rfm"]["tier"],
+            shown["ltv"],
+        ), "the audience snapshot is the segment the API shows"
 
 
 async def test_audience_emission_resumes_from_its_cursor(service: Service) -> None:
