@@ -273,10 +273,9 @@ class Batch:
             self.new_purchases = {r[0] for r in result.all()}
         t, pu = store.touches, store.purchases
         for chunk in _chunks(sorted(touch_ids)):
-            for row in (
-                await self.conn.execute(select(t).where(_among(self.conn, t.c.touch_id, chunk)))
-            ).all():
-                self._know(dict(row._mapping))
+            found = await self.conn.execute(select(t).where(_among(self.conn, t.c.touch_id, chunk)))
+            for row in _dicts(found):
+                self._know(row)
         for tid in touch_ids:
             self.touches.setdefault(tid, None)
         await self._load_participants(members, planned_pairs)
@@ -291,8 +290,8 @@ class Batch:
                         t.c.exposed_at <= hi,
                     )
                 )
-                for row in found.all():
-                    self._know(dict(row._mapping))
+                for row in _dicts(found):
+                    self._know(row)
                 found = await self.conn.execute(
                     select(pu).where(
                         _among(self.conn, pu.c.user_id, chunk),
@@ -300,11 +299,12 @@ class Batch:
                         pu.c.occurred_at <= hi,
                     )
                 )
-                for row in found.all():
-                    if row.activity_id in self.new_purchases:
+                for row in _dicts(found):
+                    aid = row["activity_id"]
+                    if aid in self.new_purchases:
                         continue  # counted when its event comes, as if inserted then
-                    self.purchases[row.activity_id] = dict(row._mapping)
-                    self.user_purchases.setdefault(row.user_id, set()).add(row.activity_id)
+                    self.purchases[aid] = row
+                    self.user_purchases.setdefault(row["user_id"], set()).add(aid)
         # Pending counts exist only for a touch stored without its segment: a touch new to
         # metrics has none, so most batches need no look-up at all.
         unsettled = sorted(
@@ -314,10 +314,9 @@ class Batch:
         )
         p = store.pending
         for chunk in _chunks(unsettled):
-            for row in (
-                await self.conn.execute(select(p).where(_among(self.conn, p.c.touch_id, chunk)))
-            ).all():
-                self.pending.setdefault(row.touch_id, []).append((dict(row._mapping), True))
+            found = await self.conn.execute(select(p).where(_among(self.conn, p.c.touch_id, chunk)))
+            for row in _dicts(found):
+                self.pending.setdefault(row["touch_id"], []).append((row, True))
 
     async def _load_participants(
         self, members: dict[tuple[str, str], dict[str, Any]], planned: set[tuple[str, str]]
@@ -347,10 +346,9 @@ class Batch:
                 if (r.promotion_id, r.user_id) in wanted:
                     self.ltv_of[(r.promotion_id, r.user_id)] = r.ltv
         for chunk in _chunks(sorted({u for _, u in self.new_participants})):
-            for row in (
-                await self.conn.execute(select(t).where(_among(self.conn, t.c.user_id, chunk)))
-            ).all():
-                self._know(dict(row._mapping))
+            found = await self.conn.execute(select(t).where(_among(self.conn, t.c.user_id, chunk)))
+            for row in _dicts(found):
+                self._know(row)
 
     def _know(self, row: dict[str, Any]) -> None:
         if self.touches.get(row["touch_id"]) is not None:
@@ -366,7 +364,7 @@ class Batch:
             row = (await self.conn.execute(select(t).where(t.c.touch_id == touch_id))).first()
             self.touches[touch_id] = None
             if row is not None:
-                self._know(dict(row._mapping))
+                self._know(dict(zip(row._fields, row, strict=True)))
         return self.touches[touch_id]
 
     def touch_of(self, data: TouchEvent) -> dict[str, Any]:
@@ -410,36 +408,60 @@ class Batch:
         """Add to the touch's aggregate at `at`'s minute: under `channel`, else the touch's
         channel; `unchannelled` (planned, LTV: before any channel is chosen) under "" always,
         so the same events give the same rows whatever order they come in."""
+        self.count_all(touch, at, ((measure, value),), channel, unchannelled=unchannelled)
+
+    def count_all(
+        self,
+        touch: dict[str, Any],
+        at: datetime,
+        measures: Sequence[tuple[str, float]],
+        channel: str = "",
+        *,
+        unchannelled: bool = False,
+    ) -> None:
+        """`count` for several measures of one touch at one time: the minute and the row's
+        key are worked out once (a send counts sends, sent and cost)."""
         channel = "" if unchannelled else channel or touch["channel"]
         minute = minute_of(at)
         segment = touch["segment"]
-        key = (
-            touch["promotion_id"],
-            minute,
-            touch["wave"],
-            channel,
-            segment or "",
-            touch["variant"],
-            measure,
-        )
-        self.add(key, value)
-        if segment is None:
-            row = {
-                "touch_id": touch["touch_id"],
-                "seq": random.getrandbits(62),
-                "minute": minute_at(minute),
-                "channel": channel,
-                "measure": measure,
-                "value": value,
-            }
-            self.pending.setdefault(touch["touch_id"], []).append((row, False))
+        base = (touch["promotion_id"], minute, touch["wave"], channel, segment or "")
+        variant = touch["variant"]
+        deltas = self.deltas
+        for measure, value in measures:
+            key = (*base, variant, measure)
+            deltas[key] = deltas.get(key, 0.0) + value
+            if segment is None:
+                row = {
+                    "touch_id": touch["touch_id"],
+                    "seq": random.getrandbits(62),
+                    "minute": minute_at(minute),
+                    "channel": channel,
+                    "measure": measure,
+                    "value": value,
+                }
+                self.pending.setdefault(touch["touch_id"], []).append((row, False))
 
     async def flush(self) -> None:
-        """Write the batch: touches, purchases, pending counts, then the count deltas."""
+        """Write the batch: touches, purchases, pending counts, then the count deltas.
+
+        On PostgreSQL the touches are written while the count rows are worked out (the
+        statement is sent first, then the rows are built), so that the process and the
+        server work at once; the statements still run one after the other, in this order."""
         conn = self.conn
         touches = [t for tid in sorted(self.dirty) if (t := self.touches[tid]) is not None]
-        if touches:
+        writing: asyncio.Task[Any] | None = None
+        if touches and conn.dialect.name == "postgresql":
+            writing = asyncio.create_task(bulk(conn, touches, _SAVE_TOUCH, _SAVE_TOUCH_ARRAYS))
+        elif touches:
             await bulk(conn, touches, _SAVE_TOUCH, _SAVE_TOUCH_ARRAYS)
+        try:
+            if writing is not None:
+                await asyncio.sleep(0)  # the task sends the statement
+            rows = self._count_rows()
+        finally:
+            # Also when cancelled: the connection is never left with a statement running.
+            if writing is not None:
+                await writing
         purchases = [self.purchases[a] for a in sorted(self.dirty_purchases)]
         if purchases:
             await bulk(conn, purchases, _SAVE_PURCHASE, _SAVE_PURCHASE_ARRAYS)
@@ -449,18 +471,22 @@ class Batch:
         fresh = [row for rows in self.pending.values() for row, written in rows if not written]
         if fresh:
             await bulk(conn, fresh, p.insert(), _PENDING_ARRAYS)
-        # One row per minute and dimensions, with a column per measure changed (in key order,
-        # so that concurrent writers lock rows in the same order).
+        if rows:
+            await bulk(conn, rows, _ADD, _ADD_ARRAYS)
+
+    def _count_rows(self) -> list[dict[str, Any]]:
+        """The count deltas as `minute_counts` rows: one per minute and dimensions, with a
+        column per measure changed (in key order, so that concurrent writers lock rows in the
+        same order)."""
         changes: dict[tuple[Any, ...], dict[str, float]] = {}
         for k, v in self.deltas.items():
             if v != 0:
                 changes.setdefault(k[:6], {})[_COLUMN[k[6]]] = v
         self.deltas.clear()
-        if not changes:
-            return
         # executemany (SQLite): every row names every column; PostgreSQL: those it changes.
-        zeros = {} if conn.dialect.name == "postgresql" else dict.fromkeys(_MEASURE_COLUMNS, 0.0)
-        rows = [
+        postgres = self.conn.dialect.name == "postgresql"
+        zeros = {} if postgres else dict.fromkeys(_MEASURE_COLUMNS, 0.0)
+        return [
             {
                 "promotion_id": k[0],
                 "minute": minute_at(k[1]),
@@ -473,7 +499,6 @@ class Batch:
             }
             for k in sorted(changes)
         ]
-        await bulk(conn, rows, _ADD, _ADD_ARRAYS)
 
     # -- events ---------------------------------------------------------------
 
@@ -509,8 +534,8 @@ class Batch:
                 self._count_ltv(touch, event.time)
 
     def _settle_segment(self, touch: dict[str, Any], segment: str) -> None:
-        moved = self.pending.pop(touch["touch_id"], [])
-        for row, written in moved:
+        moved = self.pending.pop(touch["touch_id"], None) if self.pending else None
+        for row, written in moved or ():
             minute = minute_of(row["minute"])
             base = (touch["promotion_id"], minute, touch["wave"], row["channel"])
             tail = (touch["variant"], row["measure"])
@@ -538,12 +563,12 @@ class Batch:
         if first and data.channel and not touch["channel"]:
             touch["channel"] = data.channel
         self.dirty.add(data.touch_id)
-        channel = data.channel or ""
-        self.count(touch, data.at, "sends", 1, channel)
+        measures: list[tuple[str, float]] = [("sends", 1)]
         if first:
-            self.count(touch, data.at, "sent", 1, channel)
+            measures.append(("sent", 1))
         if data.cost:
-            self.count(touch, data.at, "cost", data.cost, channel)
+            measures.append(("cost", data.cost))
+        self.count_all(touch, data.at, measures, data.channel or "")
         if touch["exposure"] is None:
             await self._expose(touch, "sent", data.at)
 
@@ -593,8 +618,11 @@ class Batch:
         touch["exposure"], touch["exposed_at"] = kind, at
         self.dirty.add(touch["touch_id"])
         self.exposed.setdefault(touch["user_id"], set()).add(touch["touch_id"])
+        bought = self.user_purchases.get(touch["user_id"])
+        if not bought:
+            return
         end = at + self.window
-        for aid in sorted(self.user_purchases.get(touch["user_id"], ())):
+        for aid in sorted(bought):
             p = self.purchases[aid]
             if not at <= p["occurred_at"] <= end:
                 continue
@@ -613,12 +641,15 @@ class Batch:
         before = touch["orders"]
         touch["orders"] = before + sign
         self.dirty.add(touch["touch_id"])
-        self.count(touch, at, f"{prefix}orders", sign)
-        self.count(touch, at, f"{prefix}revenue", sign * amount)
+        measures: list[tuple[str, float]] = [
+            (f"{prefix}orders", sign),
+            (f"{prefix}revenue", sign * amount),
+        ]
         if before == 0 and sign > 0:
-            self.count(touch, at, f"{prefix}converted", 1)
+            measures.append((f"{prefix}converted", 1))
         elif before == 1 and sign < 0:
-            self.count(touch, at, f"{prefix}converted", -1)
+            measures.append((f"{prefix}converted", -1))
+        self.count_all(touch, at, measures)
 
 
 def _among(conn: AsyncConnection, column: Any, values: list[str]) -> Any:
@@ -630,6 +661,13 @@ def _among(conn: AsyncConnection, column: Any, values: list[str]) -> Any:
 
 
 _TEXT_ARRAY = postgresql.ARRAY(String)
+
+
+def _dicts(result: Any) -> list[dict[str, Any]]:
+    """A result's rows as dicts: `dict(row._mapping)` builds a key view per row, 2.1 us for a
+    touch against 0.9 us, and the look-ups return about a row per event counted."""
+    keys = list(result.keys())
+    return [dict(zip(keys, row, strict=True)) for row in result.all()]
 
 
 def _chunks(items: list[str], size: int = 5000) -> Iterator[list[str]]:
