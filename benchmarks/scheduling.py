@@ -3,7 +3,7 @@ touch.planned events, then dispatch a day of due touches (the launch wave of pro
 ended across one day) on a clock that plays the day at `--rate` due touches per second.
 
     python -m benchmarks.scheduling [--participants 1000000] [--rate 12000] [--batch 1000]
-                                    [--json PATH]
+                                    [--plan-only] [--json PATH]
 
 The service's work (planning, the dispatchers and the outbox relay) runs in this one process.
 The touch.due events are observed on Kafka by a second process (this module with
@@ -23,6 +23,7 @@ Creates and drops a database of its own. Prints figures; asserts nothing.
     plan_db_cpu_us_per_touch
                             CPU of PostgreSQL's backends of the benchmark's database per touch
                             planned (read from /proc: a server on this machine; NaN otherwise)
+    plan_loadavg_1m         the machine's 1-minute load average when planning ended
     relayed_events          touch.planned/suppressed events relayed to Kafka after planning
     relay_s, relayed_per_s  relay wall time and events per second
     due_today               touches due during the played day
@@ -264,12 +265,19 @@ async def bench(args: argparse.Namespace, url: str, bootstrap: str) -> dict[str,
             plan_cpu_us_per_touch=plan_cpu / planned * 1e6,
             plan_db_cpu_us_per_touch=plan_db_cpu / planned * 1e6,
         )
+        load = os.getloadavg()
+        figures["plan_loadavg_1m"] = load[0]
         print(f"scheduling benchmark: {n:,} participants, PostgreSQL + Kafka, one process")
         print(
             f"  planned     {planned:>10,} touches in {plan_s:6.1f} s = {planned / plan_s:>9,.0f}/s"
             f"; CPU per touch: this process {figures['plan_cpu_us_per_touch']:.1f} us,"
             f" PostgreSQL {figures['plan_db_cpu_us_per_touch']:.1f} us"
+            f" (load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f})"
         )
+        if args.plan_only:
+            figures["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            print(f"  peak RSS    {figures['peak_rss_mb']:>10,.0f} MB")
+            return figures
         # -- relaying the touch.planned events ----------------------------------------
         started = time.perf_counter()
         with profiled(args.profile, "relay"):
@@ -485,6 +493,11 @@ def main() -> None:
     )
     parser.add_argument(
         "--partitions", type=int, default=4, help="audience batches planned concurrently"
+    )
+    parser.add_argument(
+        "--plan-only",
+        action="store_true",
+        help="stop after planning (no relay, no dispatch): the plan_* figures only",
     )
     parser.add_argument("--json", metavar="PATH", help="also write the figures as flat JSON")
     parser.add_argument(
