@@ -48,10 +48,13 @@ policies = Table(
 )
 
 # The durable timers: status planned -> dispatched -> sent | failed, or suppressed / cancelled.
+# On PostgreSQL the touch id has a hash index, not a primary key (migration 0003): it is unique
+# by construction and planning claims each participant once (`plan_members`); lookups by id are
+# equalities, and a unique B-tree on a random id cost more than the row itself to plan.
 touches = Table(
     "touches",
     metadata,
-    Column("touch_id", String(64), primary_key=True),
+    Column("touch_id", String(64), nullable=False),
     Column("promotion_id", String(128), nullable=False),
     Column("user_id", String(128), nullable=False),
     Column("wave", String(16), nullable=False),
@@ -72,8 +75,9 @@ touches = Table(
     Column("deferrals", Integer, nullable=False, server_default=text("0")),
     Column("deferred_s", Float, nullable=False, server_default=text("0")),
     Column("dispatched_at", UtcDateTime(), nullable=True),
+    Index("ix_touches_id", "touch_id", postgresql_using="hash"),
     Index("ix_touches_user", "user_id", "due_at"),
-    Index("ix_touches_promotion", "promotion_id", "wave", "status"),
+    Index("ix_touches_promotion", "promotion_id", "status"),
     Index(
         "ix_touches_due",
         "due_at",
