@@ -11,7 +11,7 @@ import hashlib
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, time, timedelta, tzinfo
+from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from functools import lru_cache
 from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -27,6 +27,8 @@ TOUCH_NAMESPACE = uuid.UUID("6f1b7a52-3c1e-4d8e-9a7e-1f0c2b9d4e11")
 
 
 _TOUCH_NAMESPACE_BYTES = TOUCH_NAMESPACE.bytes
+_sha1 = hashlib.sha1
+_blake2b = hashlib.blake2b
 
 
 def touch_id(promotion_id: str, user_id: str, wave: str) -> str:
@@ -35,12 +37,17 @@ def touch_id(promotion_id: str, user_id: str, wave: str) -> str:
     `uuid.uuid5(TOUCH_NAMESPACE, "promotion\\x1fuser\\x1fwave")`, spelled out: planning
     computes millions of them and the UUID object in between costs more than the hash.
     """
-    name = f"{promotion_id}\x1f{user_id}\x1f{wave}".encode()
-    raw = bytearray(hashlib.sha1(_TOUCH_NAMESPACE_BYTES + name, usedforsecurity=False).digest())
-    raw[6] = (raw[6] & 0x0F) | 0x50  # version 5
-    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
-    h = raw[:16].hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    return _touch_id(f"{promotion_id}\x1f{user_id}\x1f{wave}".encode())
+
+
+# The RFC 4122 variant bits (10xx) of the 17th hex digit: digit -> digit with them set.
+_VARIANT_DIGIT = {f"{n:x}": f"{(n & 0x3) | 0x8:x}" for n in range(16)}
+
+
+def _touch_id(name: bytes) -> str:
+    """`touch_id` of the encoded name: SHA-1 of namespace and name, version 5, RFC variant."""
+    h = _sha1(_TOUCH_NAMESPACE_BYTES + name, usedforsecurity=False).hexdigest()
+    return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT_DIGIT[h[16]]}{h[17:20]}-{h[20:32]}"
 
 
 # -- stable assignment ------------------------------------------------------------
@@ -185,6 +192,21 @@ class _WavePlan:
     rank: int
     essential: bool
     pair_value_layers: frozenset[str]
+    # "\x1f" + name, encoded: the tail of the hashed names of `unit` and `touch_id`.
+    tail: bytes = b""
+    after: timedelta = timedelta(0)
+    silent_after: timedelta = timedelta(0)
+
+
+@dataclass(frozen=True, slots=True)
+class _Experiment:
+    """The experiment's figures as `plan_member` compares them."""
+
+    holdout_share: float
+    wave_holdout_share: float
+    # (running total of the shares, variant): `variant_of`'s sums, added up once.
+    variants: tuple[tuple[float, str], ...]
+    last: str
 
 
 @dataclass(slots=True)
@@ -198,8 +220,16 @@ class _PolicyIndex:
     channels: dict[tuple[str, str, tuple[Channel, ...]], tuple[Channel, ...]] = field(
         default_factory=dict
     )
+    experiment: _Experiment | None = None
+    # (tier, timezone name, local day of the end, silent) -> due of each wave at a local time
+    # (None for the others): the zoneinfo arithmetic is the same for everyone of a zone whose
+    # promotion ended on the same local day.
+    local_dues: dict[tuple[str, str, date, bool], tuple[datetime | None, ...]] = field(
+        default_factory=dict
+    )
 
 
+_LOCAL_DUES_MAX = 100_000
 # id(policy) -> (policy, index); the policy is kept so that its id is never reused.
 _INDEXES: dict[int, tuple[Policy, _PolicyIndex]] = {}
 
@@ -239,6 +269,11 @@ def _wave_plans(policy: Policy, ltv_tier: str | None) -> tuple[_WavePlan, ...]:
                 rank=rank.get(w.name, len(rank)),
                 essential=w.essential,
                 pair_value_layers=frozenset(w.pair_value_layers),
+                tail=f"\x1f{w.name}".encode(),
+                after=timedelta(days=w.after_days),
+                silent_after=timedelta(
+                    days=w.after_days if w.silent_after_days is None else w.silent_after_days
+                ),
             )
             for w in waves_for(policy, ltv_tier)
         )
@@ -246,24 +281,107 @@ def _wave_plans(policy: Policy, ltv_tier: str | None) -> tuple[_WavePlan, ...]:
     return found
 
 
+def _experiment(policy: Policy) -> _Experiment:
+    index = _index(policy)
+    found = index.experiment
+    if found is None:
+        experiment = policy.experiment
+        running, total = [], 0.0
+        for variant in experiment.variants:
+            total += variant.share
+            running.append((total, variant.name))
+        found = _Experiment(
+            experiment.holdout_share,
+            experiment.wave_holdout_share,
+            tuple(running),
+            experiment.variants[-1].name,
+        )
+        index.experiment = found
+    return found
+
+
+def _local_dues(
+    policy: Policy, waves: tuple[_WavePlan, ...], member: Member, tz: tzinfo
+) -> tuple[datetime | None, ...]:
+    """The due time of each wave at a local time (None for the others), cached per zone and
+    local day of the end."""
+    local_day = member.ended_at.astimezone(tz).date()
+    cache = _index(policy).local_dues
+    key = (member.ltv_tier or "", member.timezone, local_day, member.silent)
+    found = cache.get(key)
+    if found is None:
+        silent = member.silent
+        found = tuple(
+            None
+            if w.local_time is None
+            else datetime.combine(
+                local_day + timedelta(days=w.silent_days if silent else w.days),
+                w.local_time,
+                tzinfo=tz,
+            ).astimezone(UTC)
+            for w in waves
+        )
+        if len(cache) >= _LOCAL_DUES_MAX:
+            cache.clear()
+        cache[key] = found
+    return found
+
+
+_TWO64 = 2**64
+_from_bytes = int.from_bytes
+
+
 def plan_member(policy: Policy, member: Member) -> list[PlannedTouch]:
     """Every touch of one participant: due time in their zone, deadline, variant, holdout."""
+    return [PlannedTouch(*t) for t in plan_member_rows(policy, member)]
+
+
+# PlannedTouch's fields, in order: touch_id, user_id, promotion_id, wave, variant, due_at,
+# deadline, coupon, parallel, rank, essential, status, reason.
+PlannedRow = tuple[
+    str,
+    str,
+    str,
+    str,
+    str,
+    datetime,
+    datetime,
+    bool,
+    int,
+    int,
+    bool,
+    Literal["planned", "suppressed"],
+    Reason | None,
+]
+
+
+def plan_member_rows(policy: Policy, member: Member) -> list[PlannedRow]:
+    """`plan_member` as plain tuples (PlannedTouch's fields in order), for bulk planning.
+
+    The same figures as `in_holdout`, `in_wave_holdout`, `variant_of` and `touch_id`, with the
+    hashed names put together once per participant (planning runs this millions of times).
+    """
     tz = zone(member.timezone)
     waves = _wave_plans(policy, member.ltv_tier)
+    experiment = _experiment(policy)
     user_id, promotion_id, ended_at = member.user_id, member.promotion_id, member.ended_at
-    held_out = in_holdout(policy, user_id, promotion_id)
-    local_day = ended_at.astimezone(tz).date()
+    silent, abuse, layer = member.silent, member.abuse_review, member.value_layer
+    # unit(kind, user, promotion[, wave]) hashes "kind\x1fuser\x1fpromotion[\x1fwave]";
+    # touch_id "promotion\x1fuser\x1fwave".
+    user_promotion = f"\x1f{user_id}\x1f{promotion_id}".encode()
+    promotion_user = f"{promotion_id}\x1f{user_id}".encode()
+    held_out = (
+        _from_bytes(_blake2b(b"holdout" + user_promotion, digest_size=8).digest(), "big") / _TWO64
+        < experiment.holdout_share
+    )
+    wave_share = experiment.wave_holdout_share
+    variants, last_variant = experiment.variants, experiment.last
+    locals_ = _local_dues(policy, waves, member, tz)
     dues = [
-        ended_at + timedelta(days=w.silent_days if member.silent else w.days)
-        if w.local_time is None
-        else datetime.combine(
-            local_day + timedelta(days=w.silent_days if member.silent else w.days),
-            w.local_time,
-            tzinfo=tz,
-        ).astimezone(UTC)
-        for w in waves
+        (ended_at + (w.silent_after if silent else w.after)) if local is None else local
+        for w, local in zip(waves, locals_, strict=True)
     ]
-    touches = []
+    touches: list[PlannedRow] = []
     last = len(waves) - 1
     for i, wave in enumerate(waves):
         due = dues[i]
@@ -273,23 +391,39 @@ def plan_member(policy: Policy, member: Member) -> list[PlannedTouch]:
             deadline = dues[i + 1]
         if deadline < due:
             deadline = due
+        tail = wave.tail
         status: Literal["planned", "suppressed"] = "planned"
         reason: Reason | None = None
-        if held_out or in_wave_holdout(policy, user_id, promotion_id, wave.name):
+        if held_out or (
+            _from_bytes(
+                _blake2b(b"wave-holdout" + user_promotion + tail, digest_size=8).digest(), "big"
+            )
+            / _TWO64
+            < wave_share
+        ):
             status, reason = "suppressed", "holdout"
-        elif wave.coupon and member.abuse_review:
+        elif wave.coupon and abuse:
             status, reason = "suppressed", "abuse"
+        point = (
+            _from_bytes(_blake2b(b"variant" + user_promotion + tail, digest_size=8).digest(), "big")
+            / _TWO64
+        )
+        variant = last_variant
+        for total, name in variants:
+            if point < total:
+                variant = name
+                break
         touches.append(
-            PlannedTouch(
-                touch_id(promotion_id, user_id, wave.name),
+            (
+                _touch_id(promotion_user + tail),
                 user_id,
                 promotion_id,
                 wave.name,
-                variant_of(policy, user_id, promotion_id, wave.name),
+                variant,
                 due,
                 deadline,
                 wave.coupon,
-                2 if member.value_layer in wave.pair_value_layers else 1,
+                2 if layer in wave.pair_value_layers else 1,
                 wave.rank,
                 wave.essential,
                 status,

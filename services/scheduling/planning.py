@@ -3,8 +3,9 @@ PostgreSQL) together with the touch.planned events, one transaction per batch of
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -73,6 +74,166 @@ TOUCH_COLUMNS = (
 PLANNED_TYPE = TouchPlanned.event_type()
 SUPPRESSED_TYPE = TouchSuppressed.event_type()
 
+# -- COPY in PostgreSQL's binary format ---------------------------------------------
+# asyncpg's copy_records_to_table encodes every value on its own (a timestamptz costs about
+# 0.6 us, a touch row 2.8 us, an outbox row 1.3 us). Planning's rows repeat most of their
+# values (the participant's, the wave's, the batch's time), so they are written here as bytes
+# with those parts encoded once: per field, int32 length (-1: NULL) and the value in network
+# order; per row, int16 field count.
+
+# The order of the fields in the binary rows (a participant's columns first).
+COPY_TOUCH_COLUMNS = (
+    "promotion_id",
+    "user_id",
+    "channel",
+    "updated_at",
+    "channel_order",
+    "segment",
+    "wave",
+    "rank",
+    "coupon",
+    "essential",
+    "touch_id",
+    "due_at",
+    "planned_due_at",
+    "deadline",
+    "variant",
+    "status",
+    "reason",
+    "parallel",
+)
+COPY_OUTBOX_COLUMNS = ("lane", "topic", "key", "payload", "created_at")
+_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + b"\x00\x00\x00\x00" + b"\x00\x00\x00\x00"
+_COPY_TRAILER = b"\xff\xff"
+_NULL = b"\xff\xff\xff\xff"
+_PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+_pack_len = struct.Struct(">i").pack
+_pack_ts = struct.Struct(">iq").pack
+_pack_int2 = struct.Struct(">ih").pack
+_pack_count = struct.Struct(">h").pack
+_TRUE, _FALSE = _pack_len(1) + b"\x01", _pack_len(1) + b"\x00"
+
+
+def _text(value: str | None) -> bytes:
+    if value is None:
+        return _NULL
+    raw = value.encode()
+    return _pack_len(len(raw)) + raw
+
+
+def _timestamptz(value: datetime) -> bytes:
+    """Microseconds since 2000-01-01 UTC, as PostgreSQL stores a timestamptz."""
+    return _pack_ts(8, (value - _PG_EPOCH) // _MICROSECOND)
+
+
+_JSON_CACHE_MAX = 100_000
+_json_times: dict[datetime, bytes] = {}
+_json_texts: dict[str | None, bytes] = {}
+
+
+def _json_time(value: datetime) -> bytes:
+    """orjson's encoding of an aware datetime (isoformat()), cached: a batch's due times and
+    deadlines repeat."""
+    found = _json_times.get(value)
+    if found is None:
+        if len(_json_times) >= _JSON_CACHE_MAX:
+            _json_times.clear()
+        # A copy: orjson's bytes keep a buffer of some kilobytes however short the text.
+        found = _json_times[value] = memoryview(orjson.dumps(value)).tobytes()
+    return found
+
+
+def _json_text(value: str | None) -> bytes:
+    """orjson's encoding of a wave, variant or reason name (a handful of values)."""
+    found = _json_texts.get(value)
+    if found is None:
+        if len(_json_texts) >= _JSON_CACHE_MAX:
+            _json_texts.clear()
+        found = _json_texts[value] = memoryview(orjson.dumps(value)).tobytes()
+    return found
+
+
+class _CopyBuffers:
+    """One batch's touches and outbox rows as binary COPY data (PostgreSQL)."""
+
+    def __init__(self, now: datetime, encoder: FastEncoder) -> None:
+        self.touches = bytearray(_COPY_HEADER)
+        self.events = bytearray(_COPY_HEADER)
+        self.now = _timestamptz(now)
+        self.created = _timestamptz(encoder.now)
+        self.topic = _text(encoder.topic)
+        self.times: dict[datetime, bytes] = {}
+        self.waves: dict[tuple[str, int, bool, bool], bytes] = {}
+        self.cols: dict[tuple[str, str, str | None, int], bytes] = {}
+
+    def ts(self, value: datetime) -> bytes:
+        found = self.times.get(value)
+        if found is None:
+            found = self.times[value] = _timestamptz(value)
+        return found
+
+    def touch_head(self, promotion_id: str, user_id: str, order: str, label: str | None) -> bytes:
+        """Field count, then promotion_id .. segment of COPY_TOUCH_COLUMNS."""
+        return b"".join(
+            (
+                _pack_count(len(COPY_TOUCH_COLUMNS)),
+                _text(promotion_id),
+                _text(user_id),
+                _NULL,
+                self.now,
+                _text(order),
+                _text(label),
+            )
+        )
+
+    def wave_cols(self, wave: str, rank: int, coupon: bool, essential: bool) -> bytes:
+        key = (wave, rank, coupon, essential)
+        found = self.waves.get(key)
+        if found is None:
+            found = self.waves[key] = b"".join(
+                (
+                    _text(wave),
+                    _pack_int2(2, rank),
+                    _TRUE if coupon else _FALSE,
+                    _TRUE if essential else _FALSE,
+                )
+            )
+        return found
+
+    def touch_cols(self, variant: str, status: str, reason: str | None, parallel: int) -> bytes:
+        key = (variant, status, reason, parallel)
+        found = self.cols.get(key)
+        if found is None:
+            found = self.cols[key] = b"".join(
+                (_text(variant), _text(status), _text(reason), _pack_int2(2, parallel))
+            )
+        return found
+
+    def event_head(self, lane: int, key: str) -> bytes:
+        """Field count, then lane, topic and key of COPY_OUTBOX_COLUMNS."""
+        return b"".join(
+            (_pack_count(len(COPY_OUTBOX_COLUMNS)), _pack_int2(2, lane), self.topic, _text(key))
+        )
+
+    async def write(self, conn: AsyncConnection) -> None:
+        raw = await conn.get_raw_connection()
+        driver: Any = raw.driver_connection
+        for table, columns, data in (
+            (store.touches, COPY_TOUCH_COLUMNS, self.touches),
+            (store.outbox, COPY_OUTBOX_COLUMNS, self.events),
+        ):
+            if len(data) == len(_COPY_HEADER):
+                continue
+            data += _COPY_TRAILER
+            await driver.copy_to_table(
+                table.name,
+                schema_name=table.schema,
+                columns=list(columns),
+                source=data,
+                format="binary",
+            )
+
 
 async def on_audience_members(ctx: ServiceContext, events: list[Event[Any]]) -> None:
     """Plan every participant in the batch: one timer row per touch, one transaction, COPY."""
@@ -81,6 +242,7 @@ async def on_audience_members(ctx: ServiceContext, events: list[Event[Any]]) -> 
     touch_rows: list[tuple[Any, ...]] = []
     encoder = FastEncoder(ctx, now)
     async with ctx.db.begin() as conn:
+        copy = _CopyBuffers(now, encoder) if conn.dialect.name == "postgresql" else None
         promotions = await _promotions_for(ctx, conn, members, now)
         fresh = await _claim_members(conn, members)
         if not fresh:
@@ -96,9 +258,12 @@ async def on_audience_members(ctx: ServiceContext, events: list[Event[Any]]) -> 
             status, policy = promotions[member.promotion_id]
             if status == "cancelled" or member.user_id in erased:
                 continue
-            _plan_one(member, policy, now, touch_rows, encoder)
-        await bulk_insert(conn, store.touches, TOUCH_COLUMNS, touch_rows)
-        await bulk_insert(conn, store.outbox, OUTBOX_COLUMNS, encoder.rows)
+            _plan_one(member, policy, now, touch_rows, encoder, copy)
+        if copy is not None:
+            await copy.write(conn)
+        else:
+            await bulk_insert(conn, store.touches, TOUCH_COLUMNS, touch_rows)
+            await bulk_insert(conn, store.outbox, OUTBOX_COLUMNS, encoder.rows)
     ctx.outbox.notify()
     wake_dispatcher(ctx)
 
@@ -109,12 +274,18 @@ def _plan_one(
     now: datetime,
     touch_rows: list[tuple[Any, ...]],
     encoder: FastEncoder,
+    copy: _CopyBuffers | None = None,
 ) -> None:
+    """One participant's timer rows, and their touch.planned (and touch.suppressed) events as
+    `FastEncoder.add` writes them, built here without a call and two dicts per event.
+
+    To `touch_rows` and `encoder.rows`, or with `copy` straight into its COPY buffers."""
     segment = member.segment
-    plan = domain.plan_member(
+    user_id = member.user_id
+    plan = domain.plan_member_rows(
         policy,
         domain.Member(
-            member.user_id,
+            user_id,
             member.promotion_id,
             member.ended_at,
             member.timezone,
@@ -127,55 +298,143 @@ def _plan_one(
     )
     order = ",".join(segment.channel_order)
     label = segment.ltv_tier
-    lane = encoder.lane(member.user_id)
-    append = touch_rows.append
-    for touch in plan:
-        append(
+    lane = encoder.lane(user_id)
+    append, emit, dumps = touch_rows.append, encoder.rows.append, orjson.dumps
+    source, topic, at, created = encoder.source, encoder.topic, encoder.time, encoder.now
+    # {"specversion":"1.0","id":"<touch>.planned","source":..,"type":..,"time":..,
+    #  "subject":<user>,"datacontenttype":"application/json","data":{"user_id":<user>,
+    #  "touch_id":"<touch>","promotion_id":..,"wave":..,"channel":null,"variant":..,
+    #  "due_at":..,"deadline":..,"segment":..}} (touch.suppressed: "reason" and "at" after
+    #  "variant"): the key order of FastEncoder.add. Touch ids are hex and dashes.
+    user_b, promotion_b = dumps(user_id), b'","promotion_id":' + dumps(member.promotion_id)
+    common = b"".join(
+        (
+            b'","source":',
+            dumps(source),
+            b',"type":"',
+            b"%s",
+            b'","time":',
+            dumps(at),
+            b',"subject":',
+            user_b,
+            b',"datacontenttype":"application/json","data":{"user_id":',
+            user_b,
+            b',"touch_id":"',
+        )
+    )
+    planned_head = suppressed_head = b'{"specversion":"1.0","id":"'
+    planned_mid = b".planned" + common.replace(b"%s", PLANNED_TYPE.encode(), 1)
+    suppressed_mid = b".suppressed" + common.replace(b"%s", SUPPRESSED_TYPE.encode(), 1)
+    planned_tail = b',"segment":' + dumps(label) + b"}}"
+    suppressed_tail = b',"at":' + dumps(at) + b"}}"
+    if copy is not None:
+        # The columns of one participant's rows, encoded once (see _CopyBuffers).
+        touch_head = copy.touch_head(member.promotion_id, user_id, order, label)
+        event_head = copy.event_head(lane, user_id)
+        ts, touches_out, events_out = copy.ts, copy.touches, copy.events
+        wave_cols, touch_cols, event_tail = copy.wave_cols, copy.touch_cols, copy.created
+        # The caches' lookups without a call when they hit (most of the time).
+        times_get, waves_get, touches_get = copy.times.get, copy.waves.get, copy.cols.get
+    for (
+        tid,
+        _,
+        promotion_id,
+        wave,
+        variant,
+        due,
+        deadline,
+        coupon,
+        parallel,
+        rank,
+        essential,
+        status,
+        reason,
+    ) in plan:
+        tid_b = tid.encode()
+        if copy is not None:
+            due_b = times_get(due) or ts(due)
+            touches_out += b"".join(
+                (
+                    touch_head,
+                    waves_get((wave, rank, coupon, essential))
+                    or wave_cols(wave, rank, coupon, essential),
+                    _pack_len(len(tid_b)),
+                    tid_b,
+                    due_b,
+                    due_b,
+                    times_get(deadline) or ts(deadline),
+                    touches_get((variant, status, reason, parallel))
+                    or touch_cols(variant, status, reason, parallel),
+                )
+            )
+        else:
+            append(
+                (
+                    tid,
+                    promotion_id,
+                    user_id,
+                    wave,
+                    None,
+                    variant,
+                    due,
+                    status,
+                    reason,
+                    now,
+                    due,
+                    deadline,
+                    rank,
+                    parallel,
+                    coupon,
+                    essential,
+                    order,
+                    label,
+                )
+            )
+        # The event as orjson writes `FastEncoder.add`'s dict, put together from parts
+        # encoded once per participant (or per batch) and the touch's own values.
+        payload = b"".join(
             (
-                touch.touch_id,
-                touch.promotion_id,
-                touch.user_id,
-                touch.wave,
-                None,
-                touch.variant,
-                touch.due_at,
-                touch.status,
-                touch.reason,
-                now,
-                touch.due_at,
-                touch.deadline,
-                touch.rank,
-                touch.parallel,
-                touch.coupon,
-                touch.essential,
-                order,
-                label,
+                planned_head,
+                tid_b,
+                planned_mid,
+                tid_b,
+                promotion_b,
+                b',"wave":',
+                _json_text(wave),
+                b',"channel":null,"variant":',
+                _json_text(variant),
+                b',"due_at":',
+                _json_time(due),
+                b',"deadline":',
+                _json_time(deadline),
+                planned_tail,
             )
         )
-        common = {
-            "user_id": touch.user_id,
-            "touch_id": touch.touch_id,
-            "promotion_id": touch.promotion_id,
-            "wave": touch.wave,
-            "channel": None,
-            "variant": touch.variant,
-        }
-        # orjson writes aware datetimes as isoformat() does.
-        encoder.add(
-            PLANNED_TYPE,
-            touch.user_id,
-            f"{touch.touch_id}.planned",
-            {**common, "due_at": touch.due_at, "deadline": touch.deadline, "segment": label},
-            lane,
-        )
-        if touch.status == "suppressed":
-            encoder.add(
-                SUPPRESSED_TYPE,
-                touch.user_id,
-                f"{touch.touch_id}.suppressed",
-                {**common, "reason": touch.reason, "at": encoder.time},
-                lane,
+        if copy is not None:
+            events_out += b"".join((event_head, _pack_len(len(payload)), payload, event_tail))
+        else:
+            emit((lane, topic, user_id, payload, created))
+        if status == "suppressed":
+            payload = b"".join(
+                (
+                    suppressed_head,
+                    tid_b,
+                    suppressed_mid,
+                    tid_b,
+                    promotion_b,
+                    b',"wave":',
+                    _json_text(wave),
+                    b',"channel":null,"variant":',
+                    _json_text(variant),
+                    b',"reason":',
+                    _json_text(reason),
+                    suppressed_tail,
+                )
             )
+            if copy is not None:
+                events_out += b"".join((event_head, _pack_len(len(payload)), payload, event_tail))
+            else:
+                emit((lane, topic, user_id, payload, created))
 
 
 async def _promotions_for(
