@@ -133,8 +133,10 @@ _json_texts: dict[str | None, bytes] = {}
 
 
 def _json_time(value: datetime) -> bytes:
-    """orjson's encoding of an aware datetime (isoformat()), cached: a batch's due times and
-    deadlines repeat."""
+    """orjson's encoding of an aware datetime (isoformat()), cached for UTC ones: a batch's
+    due times and deadlines repeat. (Equal instants in other offsets are written otherwise.)"""
+    if value.tzinfo is not UTC:
+        return orjson.dumps(value)
     found = _json_times.get(value)
     if found is None:
         if len(_json_times) >= _JSON_CACHE_MAX:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from types import SimpleNamespace
 from typing import Any
 
@@ -28,6 +28,9 @@ def members(count: int) -> list[AudienceMemberResolved]:
     out = []
     for i in range(count):
         ended = datetime(2026, 3, 1, tzinfo=UTC) + timedelta(seconds=rng.randrange(300 * 86400))
+        if i % 3 == 0:
+            # An end stated in another offset: the events keep it as it came.
+            ended = ended.astimezone(timezone(timedelta(hours=1)))
         out.append(
             AudienceMemberResolved(
                 # Characters that JSON escapes, in the ids the events repeat.
