@@ -517,6 +517,19 @@ async def _seed_users(
 ) -> set[str]:
     """Seed timezone and consent from the snapshot (user.updated stays authoritative);
     returns the users already erased."""
+    if conn.dialect.name == "postgresql":
+        # The last snapshot of a user in the batch wins, as below.
+        seeds = {m.user_id: m for m in members}
+        result = await conn.execute(
+            _SEED_PG,
+            {
+                "u": list(seeds),
+                "tz": [m.timezone for m in seeds.values()],
+                "consent": [orjson.dumps(m.consent).decode() for m in seeds.values()],
+                "now": now,
+            },
+        )
+        return set(result.scalars())
     u = store.users
     rows = {
         m.user_id: {
@@ -531,18 +544,6 @@ async def _seed_users(
         for m in members
     }
     ids = list(rows)
-    if conn.dialect.name == "postgresql":
-        seeds = list(rows.values())
-        result = await conn.execute(
-            _SEED_PG,
-            {
-                "u": ids,
-                "tz": [r["timezone"] for r in seeds],
-                "consent": [orjson.dumps(r["consent"]).decode() for r in seeds],
-                "now": now,
-            },
-        )
-        return set(result.scalars())
     erased: set[str] = set()
     for start in range(0, len(ids), _KEY_CHUNK):
         chunk = ids[start : start + _KEY_CHUNK]
