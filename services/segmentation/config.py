@@ -144,7 +144,10 @@ class SegmentationConfig(_Frozen):
     # An open counts once, a click this many times, when history reorders channels.
     click_weight: int = Field(2, ge=1)
     rescore_interval_s: float = Field(900.0, gt=0)
-    audience_chunk: int = Field(1000, ge=1, le=10_000)
+    # Rows read, encoded and published per round (memory is bounded by one chunk: ~10 MB at
+    # 10,000); a crash re-emits at most the chunk in flight. 1,000 left emission waiting on
+    # round trips (about 50,000 events/s at 1,000, 59,000 at 10,000 on this machine).
+    audience_chunk: int = Field(10_000, ge=1, le=10_000)
 
     def tier_names(self) -> list[str]:
         return list(dict.fromkeys([*(rule.name for rule in self.rfm_tiers), self.rfm_default_tier]))

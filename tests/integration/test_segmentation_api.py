@@ -616,6 +616,10 @@ async def test_an_ended_promotion_emits_one_snapshot_per_participant(service: Se
 
 async def test_audience_emission_resumes_from_its_cursor(service: Service) -> None:
     ctx = service.ctx
+    # Chunks of 1,000 (the default is 10,000) keep the audience small enough for SQLite.
+    ctx.extras[handlers.CONFIG_KEY] = handlers.config_of(ctx).model_copy(
+        update={"audience_chunk": 1000}
+    )
     users = [f"u-{i:04d}" for i in range(2300)]
     await handlers.add_participants(ctx, "p-2", users)
     ended = PromotionEnded(promotion_id="p-2", ended_at=NOW)
