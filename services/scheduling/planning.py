@@ -394,45 +394,47 @@ def _plan_one(
             )
         # The event as orjson writes `FastEncoder.add`'s dict, put together from parts
         # encoded once per participant (or per batch) and the touch's own values.
-        payload = b"".join(
+        # Both events share the touch's fields after their own head and id.
+        fields = b"".join(
             (
-                planned_head,
-                tid_b,
-                planned_mid,
                 tid_b,
                 promotion_b,
                 b',"wave":',
                 _json_text(wave),
                 b',"channel":null,"variant":',
                 _json_text(variant),
-                b',"due_at":',
-                _json_time(due),
-                b',"deadline":',
-                _json_time(deadline),
-                planned_tail,
             )
         )
-        if copy is not None:
-            events_out += b"".join((event_head, _pack_len(len(payload)), payload, event_tail))
-        else:
-            emit((lane, topic, user_id, payload, created))
-        if status == "suppressed":
-            payload = b"".join(
+        payloads = [
+            b"".join(
                 (
-                    suppressed_head,
+                    planned_head,
                     tid_b,
-                    suppressed_mid,
-                    tid_b,
-                    promotion_b,
-                    b',"wave":',
-                    _json_text(wave),
-                    b',"channel":null,"variant":',
-                    _json_text(variant),
-                    b',"reason":',
-                    _json_text(reason),
-                    suppressed_tail,
+                    planned_mid,
+                    fields,
+                    b',"due_at":',
+                    _json_time(due),
+                    b',"deadline":',
+                    _json_time(deadline),
+                    planned_tail,
                 )
             )
+        ]
+        if status == "suppressed":
+            payloads.append(
+                b"".join(
+                    (
+                        suppressed_head,
+                        tid_b,
+                        suppressed_mid,
+                        fields,
+                        b',"reason":',
+                        _json_text(reason),
+                        suppressed_tail,
+                    )
+                )
+            )
+        for payload in payloads:
             if copy is not None:
                 events_out += b"".join((event_head, _pack_len(len(payload)), payload, event_tail))
             else:
