@@ -368,10 +368,10 @@ class Batch:
     async def touch(self, touch_id: str) -> dict[str, Any] | None:
         if touch_id not in self.touches:
             t = store.touches
-            row = (await self.conn.execute(select(t).where(t.c.touch_id == touch_id))).first()
+            found = await self.conn.execute(select(t).where(t.c.touch_id == touch_id))
             self.touches[touch_id] = None
-            if row is not None:
-                self._know(dict(zip(row._fields, row, strict=True)))
+            for row in _dicts(found):
+                self._know(row)
         return self.touches[touch_id]
 
     def touch_of(self, data: TouchEvent) -> dict[str, Any]:

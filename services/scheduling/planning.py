@@ -132,28 +132,28 @@ _json_times: dict[datetime, bytes] = {}
 _json_texts: dict[str | None, bytes] = {}
 
 
+def _cached_json(cache: dict[Any, bytes], value: Any) -> bytes:
+    """orjson's encoding of `value`, kept in `cache` (cleared when it grows past its bound)."""
+    found = cache.get(value)
+    if found is None:
+        if len(cache) >= _JSON_CACHE_MAX:
+            cache.clear()
+        # A copy: orjson's bytes keep a buffer of some kilobytes however short the text.
+        found = cache[value] = memoryview(orjson.dumps(value)).tobytes()
+    return found
+
+
 def _json_time(value: datetime) -> bytes:
     """orjson's encoding of an aware datetime (isoformat()), cached for UTC ones: a batch's
     due times and deadlines repeat. (Equal instants in other offsets are written otherwise.)"""
     if value.tzinfo is not UTC:
         return orjson.dumps(value)
-    found = _json_times.get(value)
-    if found is None:
-        if len(_json_times) >= _JSON_CACHE_MAX:
-            _json_times.clear()
-        # A copy: orjson's bytes keep a buffer of some kilobytes however short the text.
-        found = _json_times[value] = memoryview(orjson.dumps(value)).tobytes()
-    return found
+    return _cached_json(_json_times, value)
 
 
 def _json_text(value: str | None) -> bytes:
     """orjson's encoding of a wave, variant or reason name (a handful of values)."""
-    found = _json_texts.get(value)
-    if found is None:
-        if len(_json_texts) >= _JSON_CACHE_MAX:
-            _json_texts.clear()
-        found = _json_texts[value] = memoryview(orjson.dumps(value)).tobytes()
-    return found
+    return _cached_json(_json_texts, value)
 
 
 class _CopyBuffers:
@@ -324,7 +324,7 @@ def _plan_one(
             b',"touch_id":"',
         )
     )
-    planned_head = suppressed_head = b'{"specversion":"1.0","id":"'
+    head = b'{"specversion":"1.0","id":"'
     planned_mid = b".planned" + common.replace(b"%s", PLANNED_TYPE.encode(), 1)
     suppressed_mid = b".suppressed" + common.replace(b"%s", SUPPRESSED_TYPE.encode(), 1)
     planned_tail = b',"segment":' + dumps(label) + b"}}"
@@ -408,7 +408,7 @@ def _plan_one(
         payloads = [
             b"".join(
                 (
-                    planned_head,
+                    head,
                     tid_b,
                     planned_mid,
                     fields,
@@ -424,7 +424,7 @@ def _plan_one(
             payloads.append(
                 b"".join(
                     (
-                        suppressed_head,
+                        head,
                         tid_b,
                         suppressed_mid,
                         fields,

@@ -25,8 +25,6 @@ from services.segmentation import domain
 from services.segmentation.config import ALL_CHANNELS, SegmentationConfig
 from shared.events import SPEC_VERSION, ActivityRecorded, AudienceMemberResolved
 
-_NO_WINDOW = domain.WindowCounts()
-
 
 class EventIds:
     """Unique CloudEvent ids, UUID-shaped: a random prefix (74 bits) and a counter.
@@ -133,7 +131,7 @@ class AudienceEncoder:
     """Encodes `audience.member_resolved` events of one promotion as of `now`.
 
     `encode_row` takes a row of `store.audience_query` with `windows` as its window
-    columns; `encode` the same inputs by name, with the window counts apart.
+    columns.
     """
 
     def __init__(
@@ -237,34 +235,6 @@ class AudienceEncoder:
         return order
 
     # -- the event -----------------------------------------------------------------------
-
-    def encode(
-        self,
-        row: Any,
-        engagement: Mapping[Any, tuple[int, int]] | None,
-        windows: Mapping[int, domain.WindowCounts] | None,
-    ) -> bytes:
-        """`encode_row` of the same inputs by name (`store.audience_query`'s labels), with
-        the window counts as `store.window_counts` returns them."""
-        counts = windows or {}
-        values = (
-            row.user_id,
-            row.timezone,
-            row.locale,
-            row.addresses,
-            row.consent,
-            row.birth_year,
-            row.purchases,
-            row.monetary,
-            row.ltv,
-            row.last_purchase_at,
-            row.last_interaction_at,
-            row.abuse_review,
-            row.ranked_layer,
-            row.ranked_ltv,
-            *(getattr(counts.get(days, _NO_WINDOW), metric) for days, metric in self.windows),
-        )
-        return self.encode_row(values, engagement)
 
     def encode_row(
         self, row: Sequence[Any], engagement: Mapping[Any, tuple[int, int]] | None
