@@ -378,3 +378,50 @@ async def test_kafka_bus_with_an_unreachable_broker_fails_fast(unique: str) -> N
         for writer in writers:
             writer.close()
         await server.wait_closed()
+
+
+@pytest.mark.kafka
+async def test_kafka_keys_land_where_kafkas_own_producer_puts_them(
+    kafka_bootstrap: str, unique: str
+) -> None:
+    # Another producer (aiokafka's send, Java's default partitioner) must put a key on the
+    # partition the bus uses, or that key's messages would lose their order.
+    from aiokafka import AIOKafkaProducer
+
+    factory = BusFactory("kafka", kafka_bootstrap, unique)
+    try:
+        bus = await factory()
+        topic = await new_topic(bus, f"contract-partitioner-{unique}")
+        keys = [
+            "",
+            "a",
+            "user-1",
+            "user-00042",
+            "é",
+            "用户-7",
+            "👩‍👩‍👧",
+            *(f"k{i}" for i in range(40)),
+        ]
+        await bus.publish([OutMessage(topic, key, b"bus") for key in keys])
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+        await producer.start()
+        try:
+            theirs = {
+                key: (await producer.send_and_wait(topic, b"send", key=key.encode())).partition
+                for key in keys
+            }
+        finally:
+            await producer.stop()
+        ours: dict[str | None, int] = {}
+
+        async def handler(batch: Sequence[Message]) -> None:
+            ours.update((m.key, m.partition) for m in batch if m.value == b"bus")
+
+        consumer = bus.consumer(f"contract-partitioner-{unique}", [topic], handler)
+        await consumer.start()
+        await wait_until(lambda: len(ours) == len(keys), "every key published by the bus")
+        await consumer.stop()
+        assert ours == theirs
+        assert len(set(theirs.values())) > 1, "every key on one partition proves little"
+    finally:
+        await factory.close()
