@@ -5,7 +5,8 @@
 
 Needs AFTERGLOW_KAFKA_BOOTSTRAP_SERVERS (from `make up`) unless --memory. Prints figures;
 asserts nothing. `--json PATH` also writes them as one flat JSON object: messages,
-produced_per_s, consumed_per_s, peak_rss_mb.
+produced_per_s, consumed_per_s, produce_cpu_ms_per_1000, consume_cpu_ms_per_1000 (CPU time of
+this process per 1,000 messages), peak_rss_mb.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ async def run(bus: Bus, topic: str, messages: int, batch: int, max_batch: int) -
     try:
         await bus.ensure_topics([topic])
         payload = b"x" * 480
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         for first in range(0, messages, batch):
             await bus.publish(
                 [
@@ -52,6 +53,7 @@ async def run(bus: Bus, topic: str, messages: int, batch: int, max_batch: int) -
                 ]
             )
         produce_s = time.perf_counter() - started
+        produce_cpu = time.process_time() - cpu
 
         seen = 0
         done = asyncio.Event()
@@ -63,14 +65,21 @@ async def run(bus: Bus, topic: str, messages: int, batch: int, max_batch: int) -
                 done.set()
 
         consumer = bus.consumer(f"bench-{topic}", [topic], count, max_batch=max_batch)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         await consumer.start()
         await asyncio.wait_for(done.wait(), timeout=600)
         consume_s = time.perf_counter() - started
+        consume_cpu = time.process_time() - cpu
         await consumer.stop()
     finally:
         await bus.stop()
-    return {"produced_per_s": messages / produce_s, "consumed_per_s": messages / consume_s}
+    return {
+        "produced_per_s": messages / produce_s,
+        "consumed_per_s": messages / consume_s,
+        # CPU of this process (the broker is another): steadier than rates on a shared machine.
+        "produce_cpu_ms_per_1000": produce_cpu * 1e6 / messages,
+        "consume_cpu_ms_per_1000": consume_cpu * 1e6 / messages,
+    }
 
 
 def main() -> None:
@@ -103,8 +112,18 @@ def main() -> None:
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"bus: {kind}, {args.messages:,} messages of 500 bytes, 1,000 keys, one process")
     produced, consumed = figures["produced_per_s"], figures["consumed_per_s"]
-    print(f"  produced  {produced:>10,.0f} events/s (publish batches of {args.batch})")
-    print(f"  consumed  {consumed:>10,.0f} events/s (handler batches of {args.max_batch})")
+    produce_cpu, consume_cpu = (
+        figures["produce_cpu_ms_per_1000"],
+        figures["consume_cpu_ms_per_1000"],
+    )
+    print(
+        f"  produced  {produced:>10,.0f} events/s (publish batches of {args.batch}), "
+        f"CPU {produce_cpu:.1f} ms per 1,000"
+    )
+    print(
+        f"  consumed  {consumed:>10,.0f} events/s (handler batches of {args.max_batch}), "
+        f"CPU {consume_cpu:.1f} ms per 1,000"
+    )
     print(f"  peak RSS  {peak_mb:>10,.0f} MB")
     if args.json:
         report = {"messages": args.messages, **figures, "peak_rss_mb": round(peak_mb, 1)}
