@@ -152,8 +152,50 @@ def _json_time(value: datetime) -> bytes:
 
 
 def _json_text(value: str | None) -> bytes:
-    """orjson's encoding of a wave, variant or reason name (a handful of values)."""
+    """orjson's encoding of a wave, variant, reason, segment or promotion id (few values)."""
     return _cached_json(_json_texts, value)
+
+
+# The constant parts of planning's events (see _plan_one).
+_ID_HEAD = b'{"specversion":"1.0","id":"'
+_DATA_USER = b',"datacontenttype":"application/json","data":{"user_id":'
+_TOUCH_ID = b',"touch_id":"'
+_PROMOTION_ID = b'","promotion_id":'
+_DUE_AT, _DEADLINE, _REASON, _SEGMENT = (
+    b',"due_at":',
+    b',"deadline":',
+    b',"reason":',
+    b',"segment":',
+)
+_heads: dict[tuple[str, str], tuple[bytes, bytes, bytes]] = {}
+_wave_fields: dict[tuple[str, str], bytes] = {}
+
+
+def _event_heads(source: str, at: str) -> tuple[bytes, bytes, bytes]:
+    """The part of a touch.planned and of a touch.suppressed from the id's suffix to
+    "subject", and the touch.suppressed's tail: the same for a whole batch."""
+    found = _heads.get((source, at))
+    if found is None:
+        if len(_heads) >= 64:
+            _heads.clear()
+        middle = b'","source":' + orjson.dumps(source) + b',"type":"%s","time":'
+        middle += orjson.dumps(at) + b',"subject":'
+        found = _heads[(source, at)] = (
+            b".planned" + middle.replace(b"%s", PLANNED_TYPE.encode(), 1),
+            b".suppressed" + middle.replace(b"%s", SUPPRESSED_TYPE.encode(), 1),
+            b',"at":' + orjson.dumps(at) + b"}}",
+        )
+    return found
+
+
+def _wave_json(wave: str, variant: str) -> bytes:
+    """The "wave", "channel" and "variant" members of a touch event, cached."""
+    if len(_wave_fields) >= _JSON_CACHE_MAX:
+        _wave_fields.clear()
+    found = _wave_fields[(wave, variant)] = b"".join(
+        (b',"wave":', _json_text(wave), b',"channel":null,"variant":', _json_text(variant))
+    )
+    return found
 
 
 class _CopyBuffers:
@@ -301,34 +343,22 @@ def _plan_one(
     order = ",".join(segment.channel_order)
     label = segment.ltv_tier
     lane = encoder.lane(user_id)
-    append, emit, dumps = touch_rows.append, encoder.rows.append, orjson.dumps
-    source, topic, at, created = encoder.source, encoder.topic, encoder.time, encoder.now
+    append, emit = touch_rows.append, encoder.rows.append
+    topic, created = encoder.topic, encoder.now
     # {"specversion":"1.0","id":"<touch>.planned","source":..,"type":..,"time":..,
     #  "subject":<user>,"datacontenttype":"application/json","data":{"user_id":<user>,
     #  "touch_id":"<touch>","promotion_id":..,"wave":..,"channel":null,"variant":..,
     #  "due_at":..,"deadline":..,"segment":..}} (touch.suppressed: "reason" and "at" after
     #  "variant"): the key order of FastEncoder.add. Touch ids are hex and dashes.
-    user_b, promotion_b = dumps(user_id), b'","promotion_id":' + dumps(member.promotion_id)
-    common = b"".join(
-        (
-            b'","source":',
-            dumps(source),
-            b',"type":"',
-            b"%s",
-            b'","time":',
-            dumps(at),
-            b',"subject":',
-            user_b,
-            b',"datacontenttype":"application/json","data":{"user_id":',
-            user_b,
-            b',"touch_id":"',
-        )
-    )
-    head = b'{"specversion":"1.0","id":"'
-    planned_mid = b".planned" + common.replace(b"%s", PLANNED_TYPE.encode(), 1)
-    suppressed_mid = b".suppressed" + common.replace(b"%s", SUPPRESSED_TYPE.encode(), 1)
-    planned_tail = b',"segment":' + dumps(label) + b"}}"
-    suppressed_tail = b',"at":' + dumps(at) + b"}}"
+    planned_head, suppressed_head, suppressed_tail = _event_heads(encoder.source, encoder.time)
+    user_b = orjson.dumps(user_id)
+    user_mid = b"".join((user_b, _DATA_USER, user_b, _TOUCH_ID))
+    planned_mid = planned_head + user_mid
+    promotion_b = _PROMOTION_ID + _json_text(member.promotion_id)
+    planned_tail = _SEGMENT + _json_text(label) + b"}}"
+    # The JSON of due times and deadlines from _json_time's cache without a call when it is
+    # there (UTC ones only, as _json_time keeps them).
+    json_times = _json_times.get
     if copy is not None:
         # The columns of one participant's rows, encoded once (see _CopyBuffers).
         touch_head = copy.touch_head(member.promotion_id, user_id, order, label)
@@ -394,47 +424,42 @@ def _plan_one(
             )
         # The event as orjson writes `FastEncoder.add`'s dict, put together from parts
         # encoded once per participant (or per batch) and the touch's own values.
-        # Both events share the touch's fields after their own head and id.
-        fields = b"".join(
+        wave_b = _wave_fields.get((wave, variant)) or _wave_json(wave, variant)
+        payload = b"".join(
             (
+                _ID_HEAD,
+                tid_b,
+                planned_mid,
                 tid_b,
                 promotion_b,
-                b',"wave":',
-                _json_text(wave),
-                b',"channel":null,"variant":',
-                _json_text(variant),
+                wave_b,
+                _DUE_AT,
+                (json_times(due) if due.tzinfo is UTC else None) or _json_time(due),
+                _DEADLINE,
+                (json_times(deadline) if deadline.tzinfo is UTC else None) or _json_time(deadline),
+                planned_tail,
             )
         )
-        payloads = [
-            b"".join(
-                (
-                    head,
-                    tid_b,
-                    planned_mid,
-                    fields,
-                    b',"due_at":',
-                    _json_time(due),
-                    b',"deadline":',
-                    _json_time(deadline),
-                    planned_tail,
-                )
-            )
-        ]
+        if copy is not None:
+            events_out += b"".join((event_head, _pack_len(len(payload)), payload, event_tail))
+        else:
+            emit((lane, topic, user_id, payload, created))
         if status == "suppressed":
-            payloads.append(
-                b"".join(
-                    (
-                        head,
-                        tid_b,
-                        suppressed_mid,
-                        fields,
-                        b',"reason":',
-                        _json_text(reason),
-                        suppressed_tail,
-                    )
+            # The touch.suppressed shares the touch's fields up to the variant.
+            payload = b"".join(
+                (
+                    _ID_HEAD,
+                    tid_b,
+                    suppressed_head,
+                    user_mid,
+                    tid_b,
+                    promotion_b,
+                    wave_b,
+                    _REASON,
+                    _json_text(reason),
+                    suppressed_tail,
                 )
             )
-        for payload in payloads:
             if copy is not None:
                 events_out += b"".join((event_head, _pack_len(len(payload)), payload, event_tail))
             else:
