@@ -37,11 +37,18 @@ class EventIds:
         self._count = _MAX_COUNT
 
     def next(self) -> str:
-        if self._count >= _MAX_COUNT:
+        prefix, count = self.reserve(1)
+        return f"{prefix}{count:012x}"
+
+    def reserve(self, n: int) -> tuple[str, int]:
+        """`n` ids at once: the prefix and the first counter; the ids are the prefix followed
+        by each of the `n` counters from there, as 12 hex digits (`next` writes them so)."""
+        if self._count + n > _MAX_COUNT:
             self._prefix = str(uuid.uuid4())[:24]
             self._count = 0
-        self._count += 1
-        return f"{self._prefix}{self._count:012x}"
+        first = self._count + 1
+        self._count += n
+        return self._prefix, first
 
 
 _MAX_COUNT = (1 << 48) - 1
@@ -77,36 +84,35 @@ def activity_batch(
     With `announce` each row also holds its outbox lane, and each CloudEvent is written as
     `shared.events.encode` writes it. The payloads stay apart from the JSON rows: PostgreSQL
     would parse them as JSON for nothing.
+
+    Each activity's `data` is encoded once: the row is that object with the lane appended,
+    the CloudEvent is the batch's constant envelope around it (the same bytes orjson writes
+    for the whole event, at half the cost of a dict and a dump per event).
     """
     dumps = orjson.dumps
     if announce is None:
         rows: list[dict[str, Any]] = [_activity_fields(item) for item in items]
         return ActivityBatch(dumps(rows, option=orjson.OPT_NAIVE_UTC).decode())
-    stamp = announce.time.isoformat()
-    next_id = announce.ids.next
+    prefix, count = announce.ids.reserve(len(items))
+    # The envelope in `shared.events.encode`'s key order, split where the id, the subject
+    # and `data` go; the ids are the prefix and a counter (`EventIds`).
+    head = b'{"specversion":%b,"id":"%b' % (dumps(SPEC_VERSION), prefix.encode())
+    middle = b'","source":%b,"type":%b,"time":%b,"subject":' % (
+        dumps(announce.source),
+        dumps(ACTIVITY_TYPE),
+        dumps(announce.time.isoformat()),
+    )
+    tail = b',"datacontenttype":"application/json","data":'
     lane = announce.lane
-    source = announce.source
-    rows = []
-    payloads = []
+    rows_json: list[bytes] = []
+    payloads: list[bytes] = []
     for item in items:
-        data = _activity_fields(item)
-        user_id = data["user_id"]
-        rows.append({**data, "lane": lane(user_id)})
-        payloads.append(
-            dumps(
-                {
-                    "specversion": SPEC_VERSION,
-                    "id": next_id(),
-                    "source": source,
-                    "type": ACTIVITY_TYPE,
-                    "time": stamp,
-                    "subject": user_id,
-                    "datacontenttype": "application/json",
-                    "data": data,
-                }
-            )
-        )
-    return ActivityBatch(dumps(rows, option=orjson.OPT_NAIVE_UTC).decode(), payloads)
+        user_id = item["user_id"]
+        data = dumps(_activity_fields(item), option=orjson.OPT_NAIVE_UTC)
+        rows_json.append(b'%b,"lane":%d}' % (data[:-1], lane(user_id)))
+        payloads.append(b"%b%012x%b%b%b%b}" % (head, count, middle, dumps(user_id), tail, data))
+        count += 1
+    return ActivityBatch((b"[%b]" % b",".join(rows_json)).decode(), payloads)
 
 
 def _activity_fields(item: Mapping[str, Any]) -> dict[str, Any]:

@@ -192,3 +192,9 @@ def test_event_ids_are_unique_and_uuid_shaped() -> None:
     seen = {ids.next() for _ in range(10_000)} | {other.next() for _ in range(10_000)}
     assert len(seen) == 20_000
     assert all(len(i) == 36 and i.count("-") == 4 for i in seen)
+    # A reserved run continues the same sequence, and `next` goes on after it.
+    prefix, first = ids.reserve(3)
+    reserved = {f"{prefix}{count:012x}" for count in range(first, first + 3)}
+    assert not reserved & seen
+    after = ids.next()
+    assert after not in reserved | seen and after[:24] == prefix
