@@ -86,6 +86,8 @@ _KEEPALIVE_S = 30.0
 _POLL_ERROR_PAUSE_S = 1.0
 # The seed of Kafka's default partitioner (Java's Utils.murmur2, aiokafka's murmur2).
 KAFKA_MURMUR2_SEED = 0x9747B28C
+# Read only, by the record builder: shared by every message without headers.
+_NO_HEADERS: list[tuple[str, bytes]] = []
 
 
 class KafkaUnavailableError(ConnectionError):
@@ -367,27 +369,42 @@ class KafkaBus(Bus):
     ) -> dict[tuple[str, int], list[Any]]:
         """The messages in record batches per partition, in order, partitioned as `send` does
         (murmur2 of the key): one future per batch instead of one send per message."""
-        partitions: dict[str, list[int]] = {}
         batches: dict[tuple[str, int], list[Any]] = {}
+        # Per topic: its partition ids (sorted, as `send` indexes them) and the batch being
+        # filled for each; the topic of the previous message is kept at hand, as a publish
+        # rarely mixes topics. The hash is `partition_index`, inlined: it runs per message.
+        topics: dict[str, tuple[list[int], list[Any]]] = {}
+        last_topic: str | None = None
+        known: list[int] = []
+        filling: list[Any] = []
+        count = 0
         stamp = int(time.time() * 1000)
         for out in messages:
             topic = out.topic
-            known = partitions.get(topic)
-            if known is None:
-                known = partitions[topic] = sorted(await producer.partitions_for(topic))
-            key = out.key.encode("utf-8")
-            headers = list(out.headers)
-            if len(out.value) > _MAX_BATCH_BYTES:
+            if topic != last_topic:
+                entry = topics.get(topic)
+                if entry is None:
+                    ids = sorted(await producer.partitions_for(topic))
+                    entry = topics[topic] = (ids, [None] * len(ids))
+                known, filling = entry
+                count = len(known)
+                last_topic = topic
+            key = out.key.encode()
+            value = out.value
+            headers = list(out.headers) if out.headers else _NO_HEADERS
+            if len(value) > _MAX_BATCH_BYTES:
                 # aiokafka's own check: past max_request_size, MessageSizeTooLargeError.
-                producer._serialize(key, out.value, headers)
-            tp = (topic, known[partition_index(key, len(known))])
-            builders = batches.get(tp)
-            if builders is None:
-                builders = batches[tp] = [producer.create_batch()]
-            if not builders[-1].append(timestamp=stamp, key=key, value=out.value, headers=headers):
+                producer._serialize(key, value, headers)
+            index = (murmurhash2(key, KAFKA_MURMUR2_SEED) & 0x7FFFFFFF) % count
+            builder = filling[index]
+            if builder is None:
+                builder = filling[index] = producer.create_batch()
+                batches[(topic, known[index])] = [builder]
+            if builder.append(timestamp=stamp, key=key, value=value, headers=headers) is None:
                 # Full: closed, so sent at once; a batch takes its first message whatever its size.
-                builders.append(producer.create_batch())
-                builders[-1].append(timestamp=stamp, key=key, value=out.value, headers=headers)
+                builder = filling[index] = producer.create_batch()
+                batches[(topic, known[index])].append(builder)
+                builder.append(timestamp=stamp, key=key, value=value, headers=headers)
         for builders in batches.values():
             builders[-1].close()
         return batches
