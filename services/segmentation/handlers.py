@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 import time
@@ -12,7 +11,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-import orjson
 from sqlalchemy import BigInteger, func, literal, select, update
 
 from services.segmentation import domain, encoding, store
@@ -211,21 +209,12 @@ def _activity(item: Mapping[str, Any]) -> domain.Activity:
     )
 
 
-# Marks the `activity.recorded` events of REST batches: they were applied when accepted, so
-# this service's consumer passes them by undecoded (`own_activities`).
-APPLIED_BY = "afterglow-applied-by"
-
-
-def _applied_by_header(ctx: ServiceContext) -> str:
-    """The outbox headers (as the outbox stores them) of events this service applied itself."""
-    value = base64.b64encode(ctx.outbox.source.encode()).decode("ascii")
-    return orjson.dumps([[APPLIED_BY, value]]).decode()
-
-
 def own_activities(ctx: ServiceContext) -> Callable[[Message], bool]:
-    """Whether a consumed message is an event this service applied before publishing it."""
-    mark = (APPLIED_BY, ctx.outbox.source.encode())
-    return lambda message: mark in message.headers
+    """Whether a consumed message is an `activity.recorded` this service published (and so
+    applied when it accepted it), told from the first bytes of the event: `on_activities`
+    would skip it after decoding it, the consumer passes it by undecoded."""
+    own = encoding.own_activity(ctx.outbox.source)
+    return lambda message: own(message.value)
 
 
 def _event_ids(ctx: ServiceContext) -> encoding.EventIds:
@@ -254,7 +243,6 @@ async def _record_postgres(
             now=now,
             default_start=domain.ltv_window_start(now, config.ltv.window_months),
             topic=topic,
-            headers=None if topic is None else _applied_by_header(ctx),
             abuse_threshold=config.abuse.same_item_purchases,
         )
         review = recorded.review
@@ -402,8 +390,8 @@ async def on_activities(ctx: ServiceContext, events: list[Event[Any]]) -> None:
     """Activities from the `activities` topic: the same path as the REST batch.
 
     Events segmentation published itself (REST-ingested activities) were applied when
-    they were accepted: they are skipped here, not counted twice (those marked with
-    `APPLIED_BY` are not even decoded: see `own_activities`).
+    they were accepted: they are skipped here, not counted twice (the consumer passes most
+    of them by undecoded: see `own_activities`).
     """
     own = ctx.outbox.source
     foreign = [activity_of(e.data) for e in events if e.source != own]

@@ -968,8 +968,8 @@ WHERE purchases >= CAST(:threshold AS integer) AND NOT abuse_review
 """
 _ANNOUNCE = f""",
 announced AS (
-    INSERT INTO {SCHEMA}.{outbox.name} (lane, topic, key, payload, headers, created_at)
-    SELECT i.lane, CAST(:topic AS text), i.user_id, i.payload, CAST(:headers AS json),
+    INSERT INTO {SCHEMA}.{outbox.name} (lane, topic, key, payload, created_at)
+    SELECT i.lane, CAST(:topic AS text), i.user_id, i.payload,
            CAST(:now AS timestamptz)
     FROM input i JOIN new n ON n.id = i.id
     ORDER BY i.position
@@ -1037,14 +1037,13 @@ async def record_batch_postgres(
     now: datetime,
     default_start: date,
     topic: str | None,
-    headers: str | None = None,
     abuse_threshold: int | None = None,
 ) -> RecordedBatch:
     """Insert, fold and (with `topic`) announce a batch.
 
     An announced batch needs its lanes and payloads (`encoding.activity_batch`'s announce);
-    `headers`: the outbox rows' headers, as the outbox stores them (JSON). Without
-    `abuse_threshold` no user is returned for review.
+    its outbox rows have no headers (`encoding.own_activity` tells them apart by their
+    bytes). Without `abuse_threshold` no user is returned for review.
     """
     params: dict[str, Any] = {
         "batch": batch.rows,
@@ -1056,9 +1055,7 @@ async def record_batch_postgres(
     if topic is None:
         result = await conn.execute(RECORD_BATCH, params)
     else:
-        result = await conn.execute(
-            RECORD_BATCH_ANNOUNCED, {**params, "topic": topic, "headers": headers}
-        )
+        result = await conn.execute(RECORD_BATCH_ANNOUNCED, {**params, "topic": topic})
     new_ids: list[str] = []
     review: set[str] = set()
     for key, for_review in result:

@@ -198,3 +198,32 @@ def test_event_ids_are_unique_and_uuid_shaped() -> None:
     assert not reserved & seen
     after = ids.next()
     assert after not in reserved | seen and after[:24] == prefix
+
+
+def test_own_activities_are_told_apart_by_their_first_bytes() -> None:
+    own = encoding.own_activity(SOURCE)
+    activity = ActivityRecorded(id="a-1", user_id="u-1", kind="visit", occurred_at=NOW)
+    announce = encoding.Announce(
+        lane=lambda user_id: 0, source=SOURCE, time=NOW, ids=encoding.EventIds()
+    )
+    batch = encoding.activity_batch([activity.model_dump()], announce)
+    assert batch.payloads is not None and own(batch.payloads[0])
+    # What the model path writes (the outbox's `add`) is recognised too.
+    assert own(encode(activity, source=SOURCE, time=NOW))
+    # Another source, or another type of this source: not own.
+    assert not own(encode(activity, source="afterglow/elsewhere", time=NOW))
+    other = AudienceMemberResolved.model_construct(user_id="u-1")
+    assert not own(_envelope(SOURCE, "x" * 36, other.event_type()))
+    # An id that spells this source inside it is still someone else's event.
+    sly = '","source":"' + SOURCE + '","type":"x'
+    assert not own(_envelope("afterglow/elsewhere", sly[:36], ActivityRecorded.event_type()))
+    # Ids of other lengths are decoded (and skipped by their source there).
+    assert not own(_envelope(SOURCE, "short", ActivityRecorded.event_type()))
+    assert not own(b"")
+
+
+def _envelope(source: str, event_id: str, event_type: str) -> bytes:
+    return json.dumps(
+        {"specversion": "1.0", "id": event_id, "source": source, "type": event_type, "data": {}},
+        separators=(",", ":"),
+    ).encode()
