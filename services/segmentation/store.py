@@ -961,10 +961,11 @@ months AS (
         purchases = t.purchases + excluded.purchases
 )
 {{announce}}
-SELECT id, false AS review FROM new
-UNION ALL
-SELECT user_id, true FROM folded
-WHERE purchases >= CAST(:threshold AS integer) AND NOT abuse_review
+SELECT ARRAY(SELECT id FROM new) AS new_ids,
+       ARRAY(
+           SELECT user_id FROM folded
+           WHERE purchases >= CAST(:threshold AS integer) AND NOT abuse_review
+       ) AS review
 """
 _ANNOUNCE = f""",
 announced AS (
@@ -1056,14 +1057,9 @@ async def record_batch_postgres(
         result = await conn.execute(RECORD_BATCH, params)
     else:
         result = await conn.execute(RECORD_BATCH_ANNOUNCED, {**params, "topic": topic})
-    new_ids: list[str] = []
-    review: set[str] = set()
-    for key, for_review in result:
-        if for_review:
-            review.add(key)
-        else:
-            new_ids.append(key)
-    return RecordedBatch(new_ids, review)
+    # One row of two arrays: asyncpg decodes them whole, no result row per activity.
+    new_ids, review = result.one()
+    return RecordedBatch(new_ids, set(review))
 
 
 async def flag_abuse_postgres(
