@@ -7,7 +7,8 @@ bulk upsert per batch.
 
 Out-of-order events stay exact:
 - a touch counted before its touch.planned (which carries the segment) is counted
-  under segment "" and remembered in `pending`; touch.planned moves those counts;
+  under segment "" and remembered with the touch (its `pending` column); touch.planned
+  moves those counts;
 - a purchase is credited to the user's latest exposure (touch sent, or suppressed
   for the holdout) at or before it and within the window; an exposure that arrives
   after purchases it should own takes them over from the older exposure.
@@ -19,7 +20,6 @@ import asyncio
 import functools
 import hashlib
 import logging
-import random
 import zlib
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +37,6 @@ from sqlalchemy import (
     TextClause,
     any_,
     bindparam,
-    delete,
     select,
     text,
 )
@@ -171,7 +170,6 @@ _SEEN_NEW = text(
     " SELECT count(*), CASE WHEN count(*) < :n THEN array_agg(event_id) END FROM new"
 )
 _SAVE_TOUCH_ARRAYS = arrays_insert(store.touches, _update_all(store.touches, ["touch_id"]))
-_PENDING_ARRAYS = arrays_insert(store.pending, "")
 _SAVE_PURCHASE_ARRAYS = arrays_insert(
     store.purchases, "ON CONFLICT (activity_id) DO UPDATE SET touch_id = EXCLUDED.touch_id"
 )
@@ -219,9 +217,10 @@ class Batch:
     dirty_purchases: set[str] = field(default_factory=set)
     # activity ids inserted by this batch (a purchase counts once, whatever its event id)
     new_purchases: set[str] = field(default_factory=set)
-    # touch id -> counts made while its segment was unknown: (row, written already)
-    pending: dict[str, list[tuple[dict[str, Any], bool]]] = field(default_factory=dict)
-    settled: set[str] = field(default_factory=set)
+    # touch id -> counts made while its segment was unknown, [minute, channel, measure,
+    # value] each (minute as minute_of): those of the touches whose list this batch read or
+    # changed, written back into the touch's `pending` column by `flush`
+    pending: dict[str, list[list[Any]]] = field(default_factory=dict)
     # (promotion, user) -> the participant's LTV; those this batch recorded first
     ltv_of: dict[tuple[str, str], float] = field(default_factory=dict)
     new_participants: set[tuple[str, str]] = field(default_factory=set)
@@ -312,18 +311,6 @@ class Batch:
                         continue  # counted when its event comes, as if inserted then
                     self.purchases[aid] = row
                     self.user_purchases.setdefault(row["user_id"], set()).add(aid)
-        # Pending counts exist only for a touch stored without its segment: a touch new to
-        # metrics has none, so most batches need no look-up at all.
-        unsettled = sorted(
-            tid
-            for tid in planned
-            if (known := self.touches[tid]) is not None and known["segment"] is None
-        )
-        p = store.pending
-        for chunk in _chunks(unsettled):
-            found = await self.conn.execute(select(p).where(_among(self.conn, p.c.touch_id, chunk)))
-            for row in _dicts(found):
-                self.pending.setdefault(row["touch_id"], []).append((row, True))
 
     async def _load_participants(
         self, members: dict[tuple[str, str], dict[str, Any]], planned: set[tuple[str, str]]
@@ -391,6 +378,7 @@ class Batch:
             "orders": 0,
             "sends": 0,
             "ltv": None,
+            "pending": None,
         }
         self.touches[data.touch_id] = row
         self.user_touches.setdefault(data.user_id, set()).add(data.touch_id)
@@ -437,16 +425,20 @@ class Batch:
         for measure, value in measures:
             key = (*base, variant, measure)
             deltas[key] = deltas.get(key, 0.0) + value
-            if segment is None:
-                row = {
-                    "touch_id": touch["touch_id"],
-                    "seq": random.getrandbits(62),
-                    "minute": minute_at(minute),
-                    "channel": channel,
-                    "measure": measure,
-                    "value": value,
-                }
-                self.pending.setdefault(touch["touch_id"], []).append((row, False))
+        if segment is None:
+            # Remembered with the touch (written with it), to be moved once its segment comes.
+            pending = self._pending_of(touch)
+            pending.extend([minute, channel, m, v] for m, v in measures)
+            self.dirty.add(touch["touch_id"])
+
+    def _pending_of(self, touch: dict[str, Any]) -> list[list[Any]]:
+        """The touch's counts made while its segment was unknown (read from its row once)."""
+        tid = touch["touch_id"]
+        found = self.pending.get(tid)
+        if found is None:
+            stored = touch.get("pending")
+            found = self.pending[tid] = orjson.loads(stored) if stored else []
+        return found
 
     async def flush(self) -> None:
         """Write the batch: touches, purchases, pending counts, then the count deltas.
@@ -455,6 +447,9 @@ class Batch:
         statement is sent first, then the rows are built), so that the process and the
         server work at once; the statements still run one after the other, in this order."""
         conn = self.conn
+        for tid, pending in self.pending.items():
+            if (touch := self.touches.get(tid)) is not None:
+                touch["pending"] = orjson.dumps(pending).decode() if pending else None
         touches = [t for tid in sorted(self.dirty) if (t := self.touches[tid]) is not None]
         writing: asyncio.Task[Any] | None = None
         if touches and conn.dialect.name == "postgresql":
@@ -472,12 +467,6 @@ class Batch:
         purchases = [self.purchases[a] for a in sorted(self.dirty_purchases)]
         if purchases:
             await bulk(conn, purchases, _SAVE_PURCHASE, _SAVE_PURCHASE_ARRAYS)
-        p = store.pending
-        for chunk in _chunks(sorted(self.settled)):
-            await conn.execute(delete(p).where(_among(conn, p.c.touch_id, chunk)))
-        fresh = [row for rows in self.pending.values() for row, written in rows if not written]
-        if fresh:
-            await bulk(conn, fresh, p.insert(), _PENDING_ARRAYS)
         if rows:
             await bulk(conn, rows, _ADD, _ADD_ARRAYS)
 
@@ -541,15 +530,14 @@ class Batch:
                 self._count_ltv(touch, event.time)
 
     def _settle_segment(self, touch: dict[str, Any], segment: str) -> None:
-        moved = self.pending.pop(touch["touch_id"], None) if self.pending else None
-        for row, written in moved or ():
-            minute = minute_of(row["minute"])
-            base = (touch["promotion_id"], minute, touch["wave"], row["channel"])
-            tail = (touch["variant"], row["measure"])
-            self.add((*base, "", *tail), -row["value"])
-            self.add((*base, segment, *tail), row["value"])
-            if written:
-                self.settled.add(touch["touch_id"])
+        if touch["pending"] is not None or touch["touch_id"] in self.pending:
+            moved = self._pending_of(touch)
+            for minute, channel, measure, value in moved:
+                base = (touch["promotion_id"], minute, touch["wave"], channel)
+                tail = (touch["variant"], measure)
+                self.add((*base, "", *tail), -value)
+                self.add((*base, segment, *tail), value)
+            moved.clear()
         touch["segment"] = segment
 
     async def suppressed(self, event: Event[Any]) -> None:

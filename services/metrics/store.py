@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import get_args, get_type_hints
 
-from sqlalchemy import BigInteger, Column, Float, Index, MetaData, String, Table
+from sqlalchemy import BigInteger, Column, Float, Index, MetaData, String, Table, Text
 
 from shared.db import UtcDateTime
 from shared.events import EngagementRecorded, Reason
@@ -97,21 +97,13 @@ touches = Table(
     Column("sends", BigInteger, nullable=False, server_default="0"),
     # The participant's LTV once counted for this touch ("ltv", "ltv_touches"); None: not yet.
     Column("ltv", Float, nullable=True),
+    # Counts made for the touch while its segment was unknown (its touch.planned came later),
+    # counted under segment "" until then: a JSON list of [minute (minutes since the epoch),
+    # channel, measure, value]; touch.planned moves them to its segment and clears this.
+    # Kept in the row the counting writes anyway (migration 0009; was a table of its own).
+    Column("pending", Text, nullable=True),
     Index("ix_touches_user", "user_id"),
     Index("ix_touches_promotion_wave", "promotion_id", "wave"),
-)
-
-# Counts made for a touch whose segment was not known yet (its touch.planned came later):
-# moved to the right segment when it arrives.
-pending = Table(
-    "pending",
-    metadata,
-    Column("touch_id", String(128), primary_key=True),
-    Column("seq", BigInteger, primary_key=True),
-    Column("minute", UtcDateTime(), nullable=False),
-    Column("channel", String(16), nullable=False),
-    Column("measure", String(48), nullable=False),
-    Column("value", Float, nullable=False),
 )
 
 # Each participant's LTV (segmentation's snapshot when the promotion ended, from the audience
