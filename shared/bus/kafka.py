@@ -122,22 +122,33 @@ def partition_index(key: bytes, partitions: int) -> int:
     return (murmurhash2(key, KAFKA_MURMUR2_SEED) & 0x7FFFFFFF) % partitions
 
 
-def _to_message(record: Any) -> Message:
-    key: bytes | None = record.key
-    value: bytes | None = record.value
-    headers = tuple(
-        (str(name), bytes(data) if data is not None else b"")
-        for name, data in (record.headers or ())
-    )
-    return Message(
-        topic=str(record.topic),
-        partition=int(record.partition),
-        offset=int(record.offset),
-        key=key.decode("utf-8", errors="replace") if key is not None else None,
-        value=bytes(value) if value is not None else b"",
-        headers=headers,
-        timestamp_ms=int(record.timestamp),
-    )
+def _to_messages(records: Sequence[Any]) -> list[Message]:
+    """One partition's records (as `getmany` returns them) as messages. Runs per message, so
+    the topic and partition are read once per batch and empty headers cost nothing; aiokafka's
+    records hold `bytes` and `int` already (header values may be None)."""
+    if not records:
+        return []
+    topic, partition = str(records[0].topic), int(records[0].partition)
+    messages: list[Message] = []
+    append = messages.append
+    for record in records:
+        key: bytes | None = record.key
+        value: bytes | None = record.value
+        headers = record.headers
+        append(
+            Message(
+                topic,
+                partition,
+                record.offset,
+                key.decode("utf-8", "replace") if key is not None else None,
+                value if value is not None else b"",
+                tuple((name, data if data is not None else b"") for name, data in headers)
+                if headers
+                else (),
+                record.timestamp,
+            )
+        )
+    return messages
 
 
 class KafkaBus(Bus):
@@ -722,7 +733,7 @@ class KafkaConsumer(Consumer):
 
     async def _deliver(self, tp: Any, records: list[Any]) -> bool:
         """Hand one partition's batch to the handler; True once it is committed or rewound."""
-        messages = [_to_message(r) for r in records]
+        messages = _to_messages(records)
         topic = messages[0].topic
         observer = self.bus.observer
         started = time.perf_counter()
