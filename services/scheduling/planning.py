@@ -128,7 +128,7 @@ def _timestamptz(value: datetime) -> bytes:
 
 
 _JSON_CACHE_MAX = 100_000
-_json_times: dict[datetime, bytes] = {}
+_times: dict[datetime, tuple[bytes, bytes]] = {}
 _json_texts: dict[str | None, bytes] = {}
 
 
@@ -143,12 +143,17 @@ def _cached_json(cache: dict[Any, bytes], value: Any) -> bytes:
     return found
 
 
-def _json_time(value: datetime) -> bytes:
-    """orjson's encoding of an aware datetime (isoformat()), cached for UTC ones: a batch's
-    due times and deadlines repeat. (Equal instants in other offsets are written otherwise.)"""
-    if value.tzinfo is not UTC:
-        return orjson.dumps(value)
-    return _cached_json(_json_times, value)
+def _time_parts(value: datetime) -> tuple[bytes, bytes]:
+    """A due time's or deadline's timestamptz (binary COPY) and JSON (orjson's isoformat()),
+    kept for UTC ones: a batch's times repeat (a promotion's end, a zone's local times).
+    Equal instants in other offsets are written otherwise, so those are never kept."""
+    # A copy: orjson's bytes keep a buffer of some kilobytes however short the text.
+    parts = (_timestamptz(value), memoryview(orjson.dumps(value)).tobytes())
+    if value.tzinfo is UTC:
+        if len(_times) >= _JSON_CACHE_MAX:
+            _times.clear()
+        _times[value] = parts
+    return parts
 
 
 def _json_text(value: str | None) -> bytes:
@@ -207,15 +212,8 @@ class _CopyBuffers:
         self.now = _timestamptz(now)
         self.created = _timestamptz(encoder.now)
         self.topic = _text(encoder.topic)
-        self.times: dict[datetime, bytes] = {}
         self.waves: dict[tuple[str, int, bool, bool], bytes] = {}
         self.cols: dict[tuple[str, str, str | None, int], bytes] = {}
-
-    def ts(self, value: datetime) -> bytes:
-        found = self.times.get(value)
-        if found is None:
-            found = self.times[value] = _timestamptz(value)
-        return found
 
     def touch_head(self, promotion_id: str, user_id: str, order: str, label: str | None) -> bytes:
         """Field count, then promotion_id .. segment of COPY_TOUCH_COLUMNS."""
@@ -356,17 +354,17 @@ def _plan_one(
     planned_mid = planned_head + user_mid
     promotion_b = _PROMOTION_ID + _json_text(member.promotion_id)
     planned_tail = _SEGMENT + _json_text(label) + b"}}"
-    # The JSON of due times and deadlines from _json_time's cache without a call when it is
-    # there (UTC ones only, as _json_time keeps them).
-    json_times = _json_times.get
+    # A due time's or deadline's encodings from _time_parts's cache, without a call when they
+    # are there (it keeps UTC ones only).
+    times_get = _times.get
     if copy is not None:
         # The columns of one participant's rows, encoded once (see _CopyBuffers).
         touch_head = copy.touch_head(member.promotion_id, user_id, order, label)
         event_head = copy.event_head(lane, user_id)
-        ts, touches_out, events_out = copy.ts, copy.touches, copy.events
+        touches_out, events_out = copy.touches, copy.events
         wave_cols, touch_cols, event_tail = copy.wave_cols, copy.touch_cols, copy.created
         # The caches' lookups without a call when they hit (most of the time).
-        times_get, waves_get, touches_get = copy.times.get, copy.waves.get, copy.cols.get
+        waves_get, touches_get = copy.waves.get, copy.cols.get
     for (
         tid,
         _,
@@ -383,8 +381,11 @@ def _plan_one(
         reason,
     ) in plan:
         tid_b = tid.encode()
+        due_b, due_j = (times_get(due) if due.tzinfo is UTC else None) or _time_parts(due)
+        deadline_b, deadline_j = (
+            times_get(deadline) if deadline.tzinfo is UTC else None
+        ) or _time_parts(deadline)
         if copy is not None:
-            due_b = times_get(due) or ts(due)
             touches_out += b"".join(
                 (
                     touch_head,
@@ -394,7 +395,7 @@ def _plan_one(
                     tid_b,
                     due_b,
                     due_b,
-                    times_get(deadline) or ts(deadline),
+                    deadline_b,
                     touches_get((variant, status, reason, parallel))
                     or touch_cols(variant, status, reason, parallel),
                 )
@@ -434,9 +435,9 @@ def _plan_one(
                 promotion_b,
                 wave_b,
                 _DUE_AT,
-                (json_times(due) if due.tzinfo is UTC else None) or _json_time(due),
+                due_j,
                 _DEADLINE,
-                (json_times(deadline) if deadline.tzinfo is UTC else None) or _json_time(deadline),
+                deadline_j,
                 planned_tail,
             )
         )
