@@ -66,6 +66,7 @@ from typing import Any
 
 import httpx
 
+from benchmarks.bus import delete_topics
 from services.delivery import store
 from services.delivery.app import make_spec
 from services.delivery.config import ChannelConfig, DeliveryConfig
@@ -150,14 +151,18 @@ async def service(
 async def run(
     args: argparse.Namespace, fail_share: float, workdir: Path, label: str
 ) -> dict[str, Any]:
-    async with database(args, workdir, label) as database_url:
-        return await _run(args, fail_share, database_url, label)
+    prefix = f"bench{uuid.uuid4().hex[:6]}{label}."
+    try:
+        async with database(args, workdir, label) as database_url:
+            return await _run(args, fail_share, database_url, label, prefix)
+    finally:
+        if args.kafka:
+            await delete_topics(args.kafka, prefix)
 
 
 async def _run(
-    args: argparse.Namespace, fail_share: float, database_url: str, label: str
+    args: argparse.Namespace, fail_share: float, database_url: str, label: str, prefix: str
 ) -> dict[str, Any]:
-    prefix = f"bench{uuid.uuid4().hex[:6]}{label}."
     settings = Settings(
         database_url=database_url,
         kafka_bootstrap_servers=args.kafka,

@@ -65,6 +65,7 @@ from sqlalchemy import select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from benchmarks.bus import delete_topics
 from services.metrics import store
 from services.metrics.app import create_app
 from shared.bus import OutMessage
@@ -334,8 +335,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
-async def main_async(args: argparse.Namespace, url: str, bootstrap: str) -> dict[str, Any]:
-    prefix = f"bench-metrics-{uuid.uuid4().hex[:8]}."
+async def main_async(
+    args: argparse.Namespace, url: str, bootstrap: str, prefix: str
+) -> dict[str, Any]:
     settings = Settings(
         database_url=url,
         kafka_bootstrap_servers=bootstrap,
@@ -460,12 +462,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     async with admin.connect() as conn:
         await conn.execute(text(f'CREATE DATABASE "{name}"'))
     url = make_url(base).set(database=name).render_as_string(hide_password=False)
+    prefix = f"bench-metrics-{uuid.uuid4().hex[:8]}."
     try:
-        return await main_async(args, url, bootstrap)
+        return await main_async(args, url, bootstrap, prefix)
     finally:
         async with admin.connect() as conn:
             await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         await admin.dispose()
+        await delete_topics(bootstrap, prefix)
 
 
 def main() -> None:

@@ -68,6 +68,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from benchmarks.bus import delete_topics
 from benchmarks.metrics import backend_cpu_s, backend_pids
 from services.scheduling import dispatcher, planning, store
 from services.scheduling.config import SchedulingSettings
@@ -187,17 +188,20 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
     async with admin.connect() as conn:
         await conn.execute(text(f'CREATE DATABASE "{name}"'))
     url = make_url(base).set(database=name).render_as_string(hide_password=False)
+    prefix = f"bench{uuid.uuid4().hex[:6]}."
     try:
-        return await bench(args, url, bootstrap)
+        return await bench(args, url, bootstrap, prefix)
     finally:
         async with admin.connect() as conn:
             await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         await admin.dispose()
+        await delete_topics(bootstrap, prefix)
 
 
-async def bench(args: argparse.Namespace, url: str, bootstrap: str) -> dict[str, float]:
+async def bench(
+    args: argparse.Namespace, url: str, bootstrap: str, prefix: str
+) -> dict[str, float]:
     n = args.participants
-    prefix = f"bench{uuid.uuid4().hex[:6]}."
     settings = Settings(database_url=url, kafka_bootstrap_servers=bootstrap, topic_prefix=prefix)
     await upgrade_async(url, "scheduling")
     db = Database(url, "scheduling", pool_size=10)

@@ -67,6 +67,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from benchmarks.bus import delete_topics
 from services.segmentation import handlers
 from services.segmentation.app import build_spec
 from services.segmentation.config import SegmentationConfig
@@ -340,11 +341,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"segmentation benchmark: {users:,} users, {10 * users:,} activities, database {name}")
     figures: dict[str, Any] = {"load_1m": round(os.getloadavg()[0], 2)}
     meter = CpuMeter(admin, name)
+    prefix = f"bench{uuid.uuid4().hex[:6]}."
     try:
         settings = Settings(
             database_url=url,
             kafka_bootstrap_servers=kafka,
-            topic_prefix=f"bench{uuid.uuid4().hex[:6]}.",
+            topic_prefix=prefix,
             api_tokens={TOKEN: frozenset({"*"})},
             log_level="WARNING",
             outbox_batch=args.outbox_batch,
@@ -433,6 +435,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         if not args.keep:
             async with admin.connect() as conn:
                 await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            await delete_topics(kafka, prefix)
         await admin.dispose()
     return figures
 
