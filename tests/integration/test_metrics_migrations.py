@@ -16,7 +16,7 @@ from sqlalchemy import text
 from services.metrics import handlers, queries, store
 from shared.db import Database
 from shared.events import Event, TouchPlanned
-from shared.migrations import upgrade_async
+from shared.migrations import downgrade_async, upgrade_async
 from tests.conftest import fresh_database
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
@@ -81,5 +81,46 @@ async def test_counts_pending_before_the_upgrade_move_to_the_segment_after(url: 
         assert by_segment["vip"]["planned"] == 1
         assert by_segment["vip"]["cost"] == pytest.approx(0.5)
         assert "" not in by_segment or not by_segment[""]["sent"]
+    finally:
+        await db.stop()
+
+
+async def test_a_downgrade_puts_the_waiting_counts_back_in_the_pending_table(url: str) -> None:
+    await upgrade_async(url, store.SCHEMA, "0008")
+    db = Database(url, store.SCHEMA)
+    await db.start()
+    minute = T0.replace(tzinfo=None) if url.startswith("sqlite") else T0
+    try:
+        async with db.begin() as conn:
+            for seq, (measure, value) in enumerate((("sends", 1.0), ("cost", 0.5))):
+                await conn.execute(
+                    text("INSERT INTO metrics.pending VALUES ('t1', :seq, :minute, 'sms', :m, :v)"),
+                    {"seq": seq, "minute": minute, "m": measure, "v": value},
+                )
+            await conn.execute(
+                text(
+                    "INSERT INTO metrics.touches (touch_id, user_id, promotion_id, wave, segment,"
+                    " variant, channel, exposure, exposed_at, orders, sends)"
+                    " VALUES ('t1', 'u1', 'p', 'launch', NULL, '', 'sms', 'sent', :at, 0, 1)"
+                ),
+                {"at": minute},
+            )
+        await db.stop()
+        await upgrade_async(url, store.SCHEMA)
+        await downgrade_async(url, store.SCHEMA, "0008")
+        await db.start()
+        async with db.connect() as conn:
+            rows = (
+                await conn.execute(
+                    text(
+                        "SELECT touch_id, seq, channel, measure, value FROM metrics.pending"
+                        " ORDER BY seq"
+                    )
+                )
+            ).all()
+        assert [tuple(r) for r in rows] == [
+            ("t1", 0, "sms", "sends", 1.0),
+            ("t1", 1, "sms", "cost", 0.5),
+        ]
     finally:
         await db.stop()

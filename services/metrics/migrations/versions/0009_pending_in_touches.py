@@ -66,17 +66,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    op.create_table(
-        "pending",
-        sa.Column("touch_id", sa.String(128), primary_key=True),
-        sa.Column("seq", sa.BigInteger, primary_key=True),
-        sa.Column("minute", UtcDateTime(), nullable=False),
-        sa.Column("channel", sa.String(16), nullable=False),
-        sa.Column("measure", sa.String(48), nullable=False),
-        sa.Column("value", sa.Float, nullable=False),
-        schema=SCHEMA,
-    )
     bind = op.get_bind()
+    _pending.create(bind)
     found = bind.execute(
         sa.select(_touches.c.touch_id, _touches.c.pending).where(_touches.c.pending.is_not(None))
     )
