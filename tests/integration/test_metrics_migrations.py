@@ -22,6 +22,26 @@ from tests.conftest import fresh_database
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
 
+async def sent_before_planned(
+    conn: Any, minute: datetime, channel: str, counts: tuple[tuple[str, float], ...]
+) -> None:
+    """Touch t1 as 0008's counting left a send counted before its touch.planned: its row
+    without a segment, and the measures waiting for one in `pending`."""
+    await conn.execute(
+        text(
+            "INSERT INTO metrics.touches (touch_id, user_id, promotion_id, wave, segment,"
+            " variant, channel, exposure, exposed_at, orders, sends)"
+            " VALUES ('t1', 'u1', 'p', 'launch', NULL, '', :channel, 'sent', :at, 0, 1)"
+        ),
+        {"at": minute, "channel": channel},
+    )
+    for seq, (measure, value) in enumerate(counts):
+        await conn.execute(
+            text("INSERT INTO metrics.pending VALUES ('t1', :seq, :minute, :channel, :m, :v)"),
+            {"seq": seq, "minute": minute, "channel": channel, "m": measure, "v": value},
+        )
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 async def url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
     async with contextlib.AsyncExitStack() as stack:
@@ -41,19 +61,9 @@ async def test_counts_pending_before_the_upgrade_move_to_the_segment_after(url: 
         # As 0008's counting left a send counted before its touch.planned: under segment "".
         minute = T0.replace(tzinfo=None) if url.startswith("sqlite") else T0
         async with db.begin() as conn:
-            await conn.execute(
-                text(
-                    "INSERT INTO metrics.touches (touch_id, user_id, promotion_id, wave, segment,"
-                    " variant, channel, exposure, exposed_at, orders, sends)"
-                    " VALUES ('t1', 'u1', 'p', 'launch', NULL, '', 'email', 'sent', :at, 0, 1)"
-                ),
-                {"at": minute},
+            await sent_before_planned(
+                conn, minute, "email", (("sends", 1.0), ("sent", 1.0), ("cost", 0.5))
             )
-            for seq, (measure, value) in enumerate((("sends", 1.0), ("sent", 1.0), ("cost", 0.5))):
-                await conn.execute(
-                    text("INSERT INTO metrics.pending VALUES (:t, :seq, :minute, 'email', :m, :v)"),
-                    {"t": "t1", "seq": seq, "minute": minute, "m": measure, "v": value},
-                )
             await conn.execute(
                 text(
                     "INSERT INTO metrics.minute_counts (promotion_id, minute, wave, channel,"
@@ -92,19 +102,7 @@ async def test_a_downgrade_puts_the_waiting_counts_back_in_the_pending_table(url
     minute = T0.replace(tzinfo=None) if url.startswith("sqlite") else T0
     try:
         async with db.begin() as conn:
-            for seq, (measure, value) in enumerate((("sends", 1.0), ("cost", 0.5))):
-                await conn.execute(
-                    text("INSERT INTO metrics.pending VALUES ('t1', :seq, :minute, 'sms', :m, :v)"),
-                    {"seq": seq, "minute": minute, "m": measure, "v": value},
-                )
-            await conn.execute(
-                text(
-                    "INSERT INTO metrics.touches (touch_id, user_id, promotion_id, wave, segment,"
-                    " variant, channel, exposure, exposed_at, orders, sends)"
-                    " VALUES ('t1', 'u1', 'p', 'launch', NULL, '', 'sms', 'sent', :at, 0, 1)"
-                ),
-                {"at": minute},
-            )
+            await sent_before_planned(conn, minute, "sms", (("sends", 1.0), ("cost", 0.5)))
         await db.stop()
         await upgrade_async(url, store.SCHEMA)
         await downgrade_async(url, store.SCHEMA, "0008")
