@@ -56,7 +56,13 @@ from sqlalchemy.engine import URL
 from sqlalchemy.pool import NullPool
 
 from shared.db import async_url, check_schema_name, make_engine
-from shared.outbox import OUTBOX_TABLE_KWARGS, outbox_columns, outbox_index_name
+from shared.outbox import (
+    OUTBOX_TABLE_KWARGS,
+    outbox_columns,
+    outbox_index_name,
+    outbox_pack_columns,
+    unpack,
+)
 
 MIGRATIONS_DIR = "migrations"
 
@@ -325,12 +331,90 @@ def _migrate(connection: Connection, target_metadata: MetaData, schema: str) -> 
 # -- operations for revision files -------------------------------------------------
 
 
-def create_outbox(schema: str, name: str = "outbox") -> None:
-    """`op.create_table` of the outbox (`shared.outbox.outbox_table`), for a revision file."""
+def create_outbox(schema: str, name: str = "outbox", *, packs: bool = True) -> None:
+    """`op.create_table` of the outbox (`shared.outbox.outbox_table`), for a revision file.
+
+    `packs=False` leaves out the packed-row columns, as revisions written before them did
+    (they are added later by `add_outbox_packs`).
+    """
     from alembic import op
 
-    op.create_table(name, *outbox_columns(), schema=schema, **OUTBOX_TABLE_KWARGS)
+    op.create_table(name, *outbox_columns(packs=packs), schema=schema, **OUTBOX_TABLE_KWARGS)
     op.create_index(outbox_index_name(name), name, ["lane", "id"], schema=schema)
+    if packs:
+        _compress_packs(schema, name)
+
+
+def add_outbox_packs(schema: str, name: str = "outbox") -> None:
+    """Add the packed-row columns (`shared.outbox.outbox_pack_columns`) to an outbox."""
+    from alembic import op
+
+    with op.batch_alter_table(name, schema=schema) as batch:
+        for column in outbox_pack_columns():
+            batch.add_column(column)
+    _compress_packs(schema, name)
+
+
+def drop_outbox_packs(schema: str, name: str = "outbox") -> None:
+    """Undo `add_outbox_packs`. Packed rows still waiting are unpacked into one row per
+    message first: the relay of the older code would publish them empty."""
+    from alembic import op
+
+    table = f"{schema}.{name}" if schema else name
+    _unpack_rows(table)
+    with op.batch_alter_table(name, schema=schema) as batch:
+        for column in reversed(outbox_pack_columns()):
+            batch.drop_column(column.name)
+
+
+def _unpack_rows(table: str) -> None:
+    """Each packed row becomes one row per message, in the pack's order. They get new ids:
+    a key's packed messages then leave after its single-message rows of the same lane
+    (the relay publishes by id), which is no worse than a replay."""
+    from alembic import op
+    from sqlalchemy import text
+
+    bind = op.get_bind()
+    rows = bind.execute(
+        text(
+            f"SELECT id, lane, topic, created_at, pack FROM {table} WHERE pack IS NOT NULL"
+            " ORDER BY id"
+        )
+    ).all()
+    for _, lane, topic, created_at, packed in rows:
+        for key, value in unpack(bytes(packed)):
+            bind.execute(
+                text(
+                    f"INSERT INTO {table} (lane, topic, key, payload, created_at)"
+                    " VALUES (:lane, :topic, :key, :payload, :created_at)"
+                ),
+                {
+                    "lane": lane,
+                    "topic": topic,
+                    "key": key,
+                    "payload": value,
+                    "created_at": created_at,
+                },
+            )
+    bind.execute(text(f"DELETE FROM {table} WHERE pack IS NOT NULL"))
+
+
+def _compress_packs(schema: str, name: str) -> None:
+    """On PostgreSQL, packs (tens of KB of JSON) are compressed with lz4 where the server
+    has it: pglz, the default, costs several times more CPU."""
+    from alembic import op
+    from sqlalchemy import text
+
+    bind = op.get_bind()
+    if bind.dialect.name != "postgresql":
+        return
+    has_lz4 = bind.execute(
+        text(
+            "SELECT 'lz4' = ANY(enumvals) FROM pg_settings WHERE name = 'default_toast_compression'"
+        )
+    ).scalar()
+    if has_lz4:
+        op.execute(f"ALTER TABLE {schema}.{name} ALTER COLUMN pack SET COMPRESSION lz4")
 
 
 def drop_outbox(schema: str, name: str = "outbox") -> None:

@@ -48,6 +48,15 @@ events in two lanes, which two replicas may then publish concurrently.
 
 On SQLite (one process) no advisory lock is needed: `Database.begin()`
 serialises the lane transactions of this process.
+
+Packed rows
+-----------
+A row may hold many messages of one topic and lane (`add_packed`, or an INSERT that
+aggregates with `pack_sql`): `pack` holds their keys and values in order, `messages`
+how many. The relay unpacks them in place of the row, so the order rules above hold
+for them as for one message; a round takes rows while the messages before them are
+fewer than its batch. Writing and deleting one row for hundreds of messages is what
+makes a busy producer cheap for PostgreSQL. Packed messages carry no headers.
 """
 
 from __future__ import annotations
@@ -57,8 +66,9 @@ import base64
 import contextlib
 import hashlib
 import logging
+import struct
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -101,8 +111,12 @@ _TRY_LOCK_LANES = text(
 )
 
 
-def outbox_columns() -> list[Column[Any]]:
-    """Fresh Column objects of the outbox (for `outbox_table` and the migrations)."""
+def outbox_columns(*, packs: bool = True) -> list[Column[Any]]:
+    """Fresh Column objects of the outbox (for `outbox_table` and the migrations).
+
+    `packs=False`: the columns before packed rows (`outbox_pack_columns`) were added, as
+    the first migration of each service created them.
+    """
     return [
         # Integer on SQLite: only an INTEGER PRIMARY KEY is the autoincrementing rowid.
         Column(
@@ -118,6 +132,16 @@ def outbox_columns() -> list[Column[Any]]:
         # [[name, base64(value)], ...] or NULL when there are none.
         Column("headers", JSON, nullable=True),
         Column("created_at", UtcDateTime, nullable=False),
+        *(outbox_pack_columns() if packs else []),
+    ]
+
+
+def outbox_pack_columns() -> list[Column[Any]]:
+    """A packed row holds `messages` messages of one topic and lane in `pack` (see `pack`);
+    its `key` and `payload` are empty. Any other row is one message (`messages` is 1)."""
+    return [
+        Column("pack", LargeBinary, nullable=True),
+        Column("messages", Integer, nullable=False, server_default=text("1")),
     ]
 
 
@@ -151,6 +175,52 @@ def lane_lock_key(schema: str | None, table: str, lane: int) -> int:
         f"afterglow-outbox:{schema}.{table}:{lane}".encode(), digest_size=8
     ).digest()
     return int.from_bytes(digest, "big", signed=True)
+
+
+_LENGTH = struct.Struct(">I")
+
+
+def pack(messages: Iterable[tuple[str, bytes]]) -> bytes:
+    """(key, value) pairs as the `pack` of an outbox row: for each, the key's UTF-8 length
+    (4 bytes, big-endian), the key, the value's length (same), the value."""
+    parts: list[bytes] = []
+    length = _LENGTH.pack
+    for key, value in messages:
+        raw = key.encode()
+        parts += (length(len(raw)), raw, length(len(value)), value)
+    return b"".join(parts)
+
+
+def pack_sql(key: str, value: str, order: str) -> str:
+    """The PostgreSQL aggregate that writes `pack`'s layout from rows: `key` a text
+    expression, `value` a bytea one, packed in `order` (an ORDER BY list)."""
+    k = f"convert_to({key}, 'UTF8')"
+    return (
+        f"string_agg(int4send(octet_length({k})) || {k} || int4send(octet_length({value}))"
+        f" || {value}, ''::bytea ORDER BY {order})"
+    )
+
+
+def unpack(blob: bytes) -> list[tuple[str, bytes]]:
+    """The (key, value) pairs of a `pack`; ValueError when it is cut short or overruns."""
+    out: list[tuple[str, bytes]] = []
+    read = _LENGTH.unpack_from
+    end = len(blob)
+    at = 0
+    try:
+        while at < end:
+            (n,) = read(blob, at)
+            key = blob[at + 4 : at + 4 + n].decode()
+            at += 4 + n
+            (n,) = read(blob, at)
+            value = blob[at + 4 : at + 4 + n]
+            at += 4 + n
+            out.append((key, value))
+    except (struct.error, UnicodeDecodeError) as exc:
+        raise ValueError(f"malformed outbox pack at byte {at} of {end}: {exc}") from None
+    if at != end:
+        raise ValueError(f"outbox pack overruns its {end} bytes (ends at {at})")
+    return out
 
 
 def _encode_headers(headers: Headers) -> list[list[str]] | None:
@@ -245,6 +315,39 @@ class Outbox:
         # One statement, executed for all rows in order (ids follow list order).
         await conn.execute(self.table.insert(), rows)
 
+    async def add_packed(
+        self,
+        conn: AsyncConnection,
+        messages: Sequence[OutMessage],
+        *,
+        now: datetime | None = None,
+    ) -> None:
+        """Like `add_messages` (headers aside: packed messages have none), but one row for
+        each topic and lane instead of one per message: less for the database to write and
+        delete. Each key keeps its order (a key has one lane)."""
+        if not messages:
+            return
+        groups: dict[tuple[str, int], list[OutMessage]] = {}
+        for m in messages:
+            if m.headers:
+                raise ValueError("packed outbox messages cannot carry headers")
+            groups.setdefault((m.topic, lane_for(m.key, self.lanes)), []).append(m)
+        created_at = now or datetime.now(UTC)
+        rows = [
+            {
+                "lane": lane,
+                "topic": topic,
+                "key": "",
+                "payload": b"",
+                "headers": None,
+                "pack": pack((m.key, m.value) for m in group),
+                "messages": len(group),
+                "created_at": created_at,
+            }
+            for (topic, lane), group in groups.items()
+        ]
+        await conn.execute(self.table.insert(), rows)
+
     def notify(self) -> None:
         """Wake the relay; call after the transaction that added events committed."""
         self._wake.set()
@@ -252,8 +355,9 @@ class Outbox:
     # -- relaying ----------------------------------------------------------
 
     async def pending(self) -> int:
+        """How many messages wait (a packed row counts its messages)."""
         async with self.db.connect() as conn:
-            count = await conn.scalar(select(func.count()).select_from(self.table))
+            count = await conn.scalar(select(func.sum(self.table.c.messages)))
         return int(count or 0)
 
     async def _lanes_with_rows(self) -> list[int]:
@@ -328,25 +432,55 @@ class Outbox:
             else:
                 where = t.c.lane.in_(lanes)
             # By id: within each lane the oldest first, so a lane's published rows are always
-            # a prefix of it in id order, whatever the other lanes hold.
-            result = await conn.execute(
-                select(t.c.id, t.c.topic, t.c.key, t.c.payload, t.c.headers)
+            # a prefix of it in id order, whatever the other lanes hold. Rows are taken while
+            # the messages before them are fewer than `batch` a lane (a packed row holds
+            # many); the packs of the rows left are never read (PostgreSQL reads a stored
+            # value only when it is returned).
+            cap = self.batch * len(lanes)
+            oldest = (
+                select(
+                    t.c.id,
+                    t.c.topic,
+                    t.c.key,
+                    t.c.payload,
+                    t.c.headers,
+                    t.c.pack,
+                    t.c.messages,
+                    func.sum(t.c.messages).over(order_by=t.c.id).label("upto"),
+                )
                 .where(where)
                 .order_by(t.c.id)
-                .limit(self.batch * len(lanes))
+                .limit(cap)
+                .subquery()
+            )
+            result = await conn.execute(
+                select(
+                    oldest.c.id,
+                    oldest.c.topic,
+                    oldest.c.key,
+                    oldest.c.payload,
+                    oldest.c.headers,
+                    oldest.c.pack,
+                )
+                .where(oldest.c.upto - oldest.c.messages < cap)
+                .order_by(oldest.c.id)
             )
             rows = result.all()
             if not rows:
                 return 0
-            messages = [
-                OutMessage(
-                    topic,
-                    key,
-                    payload if type(payload) is bytes else bytes(payload),
-                    _decode_headers(headers) if headers else (),
+            messages: list[OutMessage] = []
+            for _, topic, key, payload, headers, packed in rows:
+                if packed is not None:
+                    messages += (OutMessage(topic, k, v) for k, v in unpack(bytes(packed)))
+                    continue
+                messages.append(
+                    OutMessage(
+                        topic,
+                        key,
+                        payload if type(payload) is bytes else bytes(payload),
+                        _decode_headers(headers) if headers else (),
+                    )
                 )
-                for _, topic, key, payload, headers in rows
-            ]
             # Raises PublishError: the transaction rolls back and the rows stay. (On
             # SQLite this holds the service's write lock while publishing: fine for the
             # in-process bus of the embedded mode, bounded by the send timeout otherwise.)
@@ -355,10 +489,10 @@ class Outbox:
             if self.db.is_postgres:
                 # One array parameter: an IN list renders (and compiles) a bind per id.
                 await conn.execute(delete(t).where(t.c.id == func.any(literal(ids, _ID_ARRAY))))
-                return len(rows)
+                return len(messages)
             for start in range(0, len(ids), _DELETE_CHUNK):
                 await conn.execute(delete(t).where(t.c.id.in_(ids[start : start + _DELETE_CHUNK])))
-        return len(rows)
+        return len(messages)
 
     async def run(self) -> None:
         """Relay until `stop()`: again at once while there is work, else on notify() or poll_s.

@@ -41,7 +41,7 @@ from services.segmentation import domain
 from services.segmentation.config import SegmentationConfig
 from services.segmentation.encoding import ActivityBatch
 from shared.db import UtcDateTime, insert_ignore, upsert
-from shared.outbox import outbox_table
+from shared.outbox import outbox_table, pack_sql
 
 SCHEMA = "segmentation"
 metadata = MetaData(schema=SCHEMA)
@@ -967,13 +967,17 @@ SELECT ARRAY(SELECT id FROM new) AS new_ids,
            WHERE purchases >= CAST(:threshold AS integer) AND NOT abuse_review
        ) AS review
 """
+# The new activities' events, one packed outbox row per lane (`shared.outbox.pack`), each in
+# the batch's order: fewer rows for PostgreSQL to write here and for the relay to delete.
 _ANNOUNCE = f""",
 announced AS (
-    INSERT INTO {SCHEMA}.{outbox.name} (lane, topic, key, payload, created_at)
-    SELECT i.lane, CAST(:topic AS text), i.user_id, i.payload,
+    INSERT INTO {SCHEMA}.{outbox.name} (lane, topic, key, payload, pack, messages, created_at)
+    SELECT i.lane, CAST(:topic AS text), '', ''::bytea,
+           {pack_sql("i.user_id", "i.payload", "i.position")}, count(*),
            CAST(:now AS timestamptz)
     FROM input i JOIN new n ON n.id = i.id
-    ORDER BY i.position
+    GROUP BY i.lane
+    ORDER BY i.lane
 )"""
 RECORD_BATCH = text(_RECORD_BATCH.replace("{announce}", ""))
 RECORD_BATCH_ANNOUNCED = text(_RECORD_BATCH.replace("{announce}", _ANNOUNCE))

@@ -15,14 +15,22 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Column, MetaData, String, Table, func, literal, select
+from sqlalchemy import Column, MetaData, String, Table, func, literal, select, text
 from sqlalchemy.types import BigInteger
 
 from shared.bus.base import OutMessage, PublishError
 from shared.bus.memory import InProcessBus
 from shared.db import Database
-from shared.events import ActivityRecorded, default_registry
-from shared.outbox import Outbox, lane_for, lane_lock_key, outbox_table
+from shared.events import ActivityRecorded, default_registry, encode
+from shared.outbox import (
+    Outbox,
+    lane_for,
+    lane_lock_key,
+    outbox_table,
+    pack,
+    pack_sql,
+    unpack,
+)
 
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 REGISTRY = default_registry()
@@ -130,6 +138,27 @@ def by_key(pairs: list[tuple[str, int]]) -> dict[str, list[int]]:
     return dict(grouped)
 
 
+def random_batches(
+    *, keys: int, batches: int, most: int, seed: int
+) -> tuple[list[list[ActivityRecorded]], dict[str, list[int]]]:
+    """`batches` lists of 1 to `most` events of random keys, numbered in order, and each
+    key's numbers in that order (what its events must be published in)."""
+    rng = random.Random(seed)
+    names = [f"user-{i}" for i in range(keys)]
+    expected: dict[str, list[int]] = {}
+    out: list[list[ActivityRecorded]] = []
+    seq = 0
+    for _ in range(batches):
+        events = []
+        for _ in range(rng.randint(1, most)):
+            key = rng.choice(names)
+            events.append(activity(key, seq))
+            expected.setdefault(key, []).append(seq)
+            seq += 1
+        out.append(events)
+    return out, expected
+
+
 async def add_committed(db: Database, outbox: Outbox, events: Sequence[ActivityRecorded]) -> None:
     async with db.begin() as conn:
         await outbox.add(conn, events, now=NOW)
@@ -164,17 +193,9 @@ async def test_events_of_a_rolled_back_transaction_are_never_published(env: Env)
 
 async def test_committed_events_are_published_in_per_key_order(env: Env) -> None:
     db, _, widgets, bus, outbox = await setup(env, lanes=4)
-    keys = [f"user-{i}" for i in range(12)]
-    expected: dict[str, list[int]] = {k: [] for k in keys}
-    rng = random.Random(7)
-    seq = 0
-    for txn in range(40):
-        events = []
-        for _ in range(rng.randint(1, 6)):
-            key = rng.choice(keys)
-            events.append(activity(key, seq))
-            expected[key].append(seq)
-            seq += 1
+    batches, expected = random_batches(keys=12, batches=40, most=6, seed=7)
+    seq = sum(map(len, batches))
+    for txn, events in enumerate(batches):
         async with db.begin() as conn:
             await conn.execute(widgets.insert().values(id=f"w{txn}"))
             await outbox.add(conn, events, now=NOW)
@@ -184,7 +205,7 @@ async def test_committed_events_are_published_in_per_key_order(env: Env) -> None
     assert await outbox.pending() == 0
     got = published(bus)
     assert len(got) == seq
-    assert by_key(got) == {k: v for k, v in expected.items() if v}
+    assert by_key(got) == expected
 
     # The envelope: source, time, type and subject as `encode` writes them.
     event = REGISTRY.decode(bus.messages("activities")[0].value)
@@ -224,6 +245,81 @@ async def test_add_messages_keeps_headers(env: Env) -> None:
     first, second = bus.messages("users")
     assert (first.key, first.value, first.headers) == ("k1", b'{"a":1}', headers)
     assert (second.value, second.headers) == (b'{"a":2}', ())
+
+
+async def test_packed_rows_keep_each_keys_order_among_single_rows(env: Env) -> None:
+    """Transactions alternate one row per message and packed rows; every key's events
+    leave in the order they were committed, and `pending` counts messages, not rows."""
+    db, outbox_t, _, bus, outbox = await setup(env, lanes=3)
+    batches, expected = random_batches(keys=9, batches=30, most=12, seed=11)
+    seq = sum(map(len, batches))
+    for txn, events in enumerate(batches):
+        async with db.begin() as conn:
+            if txn % 2:
+                await outbox.add(conn, events, now=NOW)
+            else:
+                encoded = [
+                    OutMessage("activities", e.user_id, encode(e, source="/test/outbox", time=NOW))
+                    for e in events
+                ]
+                await outbox.add_packed(conn, encoded, now=NOW)
+    async with db.connect() as conn:
+        rows = await conn.scalar(select(func.count()).select_from(outbox_t))
+    assert rows is not None and rows < seq
+    assert await outbox.pending() == seq
+    assert await drain(outbox) == seq
+    assert await outbox.pending() == 0
+    assert by_key(published(bus)) == expected
+
+
+async def test_a_round_takes_packed_rows_until_its_batch_is_full(env: Env) -> None:
+    """A round stops at the first row that starts beyond `batch` messages a lane: a big
+    pack goes whole, and what is left waits for the next round."""
+    db, _, _, bus, outbox = await setup(env, lanes=1, batch=10)
+    async with db.begin() as conn:
+        for start in (0, 6, 12):
+            await outbox.add_packed(
+                conn,
+                [OutMessage("users", "k", b"%d" % i) for i in range(start, start + 6)],
+                now=NOW,
+            )
+        await outbox.add_messages(conn, [OutMessage("users", "k", b"18")], now=NOW)
+    assert await outbox.relay_once() == 12
+    assert await outbox.pending() == 7
+    assert await outbox.relay_once() == 7
+    assert [m.value for m in bus.messages("users")] == [b"%d" % i for i in range(19)]
+
+
+async def test_packed_messages_carry_no_headers(env: Env) -> None:
+    db, _, _, _, outbox = await setup(env)
+    async with db.begin() as conn:
+        with pytest.raises(ValueError, match="cannot carry headers"):
+            await outbox.add_packed(conn, [OutMessage("users", "k", b"{}", (("h", b"v"),))])
+
+
+@pytest.mark.postgres
+async def test_postgres_packs_rows_exactly_as_python_does(postgres_url: str, unique: str) -> None:
+    """`pack_sql` (the segmentation ingest's INSERT) writes `pack`'s layout, multi-byte
+    keys and empty values included, in the order asked for."""
+    rows = [("é-user", b'{"a":1}', 2), ("k", b"", 1), ("\u4e2d\u6587", bytes(range(256)), 3)]
+    db = Database(postgres_url, f"ob_{unique}")
+    await db.start()
+    try:
+        async with db.connect() as conn:
+            got = await conn.scalar(
+                text(
+                    "SELECT "
+                    + pack_sql("k", "v", "n")
+                    + " FROM unnest(CAST(:k AS text[]), CAST(:v AS bytea[]), CAST(:n AS int[]))"
+                    " AS t(k, v, n)"
+                ),
+                {"k": [r[0] for r in rows], "v": [r[1] for r in rows], "n": [r[2] for r in rows]},
+            )
+    finally:
+        await db.stop()
+    ordered = sorted(rows, key=lambda r: r[2])
+    assert got == pack((k, v) for k, v, _ in ordered)
+    assert unpack(got) == [(k, v) for k, v, _ in ordered]
 
 
 # -- crashes and failures -----------------------------------------------------------

@@ -3,7 +3,6 @@ aggregates kept by batched upserts match the raw activities, and the LTV window 
 
 from __future__ import annotations
 
-import contextlib
 import random
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
@@ -13,8 +12,11 @@ import pytest
 from sqlalchemy import select, text
 
 from services.segmentation import domain, encoding, store
+from shared.bus.base import OutMessage
+from shared.bus.memory import InProcessBus
 from shared.db import Database
 from shared.migrations import current_async, downgrade_async, upgrade_async
+from shared.outbox import Outbox
 from tests.conftest import fresh_database
 
 NOW = datetime(2026, 3, 8, 12, 0, tzinfo=UTC)
@@ -22,58 +24,88 @@ SHARES = (60, 25, 15)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-async def db(
+async def empty_url(
     request: pytest.FixtureRequest, tmp_path: Path, unique: str
-) -> AsyncIterator[Database]:
-    async with contextlib.AsyncExitStack() as stack:
-        if request.param == "sqlite":
-            url = f"sqlite+aiosqlite:///{tmp_path / 'seg.db'}"
-        else:
-            postgres = request.getfixturevalue("postgres_url")
-            url = await stack.enter_async_context(fresh_database(postgres, f"t_{unique}"))
-        await upgrade_async(url, "segmentation")
+) -> AsyncIterator[str]:
+    """A database with nothing in it yet: a SQLite file, or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'seg.db'}"
+        return
+    postgres = request.getfixturevalue("postgres_url")
+    async with fresh_database(postgres, f"t_{unique}") as url:
+        yield url
+
+
+@pytest.fixture
+async def db(empty_url: str) -> AsyncIterator[Database]:
+    await upgrade_async(empty_url, "segmentation")
+    database = Database(empty_url, "segmentation")
+    await database.start()
+    yield database
+    await database.stop()
+
+
+async def test_the_migrations_go_down_and_up_again(empty_url: str) -> None:
+    """0003 (room for HOT updates of the aggregates) downgrades and upgrades on both."""
+    url = empty_url
+    postgres = url.startswith("postgresql")
+
+    async def fillfactor() -> str | None:
         database = Database(url, "segmentation")
         await database.start()
-        stack.push_async_callback(database.stop)
-        yield database
-
-
-@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
-async def test_the_migrations_go_down_and_up_again(
-    request: pytest.FixtureRequest, tmp_path: Path, unique: str, backend: str
-) -> None:
-    """0003 (room for HOT updates of the aggregates) downgrades and upgrades on both."""
-    async with contextlib.AsyncExitStack() as stack:
-        if backend == "sqlite":
-            url = f"sqlite+aiosqlite:///{tmp_path / 'seg.db'}"
-        else:
-            postgres = request.getfixturevalue("postgres_url")
-            url = await stack.enter_async_context(fresh_database(postgres, f"t_{unique}"))
-
-        async def fillfactor() -> str | None:
-            database = Database(url, "segmentation")
-            await database.start()
-            try:
-                async with database.connect() as conn:
-                    return await conn.scalar(
-                        text(
-                            "SELECT array_to_string(reloptions, ',') FROM pg_class "
-                            "WHERE oid = CAST('segmentation.aggregates' AS regclass)"
-                        )
+        try:
+            async with database.connect() as conn:
+                return await conn.scalar(
+                    text(
+                        "SELECT array_to_string(reloptions, ',') FROM pg_class "
+                        "WHERE oid = CAST('segmentation.aggregates' AS regclass)"
                     )
-            finally:
-                await database.stop()
+                )
+        finally:
+            await database.stop()
 
-        await upgrade_async(url, "segmentation")
-        assert await current_async(url, "segmentation") == "0003"
-        if backend == "postgres":
-            assert await fillfactor() == "fillfactor=85"
-        await downgrade_async(url, "segmentation", "0002")
-        assert await current_async(url, "segmentation") == "0002"
-        if backend == "postgres":
-            assert await fillfactor() is None
-        await upgrade_async(url, "segmentation")
-        assert await current_async(url, "segmentation") == "0003"
+    await upgrade_async(url, "segmentation")
+    assert await current_async(url, "segmentation") == "0004"
+    if postgres:
+        assert await fillfactor() == "fillfactor=85"
+    await downgrade_async(url, "segmentation", "0002")
+    assert await current_async(url, "segmentation") == "0002"
+    if postgres:
+        assert await fillfactor() is None
+    await upgrade_async(url, "segmentation")
+    assert await current_async(url, "segmentation") == "0004"
+
+
+async def test_packed_events_still_waiting_survive_a_downgrade(empty_url: str) -> None:
+    """0004 down: a packed outbox row not relayed yet becomes one row per message, in the
+    pack's order, so the relay of 0003's code publishes every event."""
+    url = empty_url
+    await upgrade_async(url, "segmentation")
+    messages = [OutMessage("activities", f"u{i % 3}", b'{"n":%d}' % i) for i in range(7)]
+    database = Database(url, "segmentation")
+    await database.start()
+    try:
+        relay = Outbox(database, store.outbox, InProcessBus(), source="/t", lanes=1)
+        async with database.begin() as conn:
+            await relay.add_packed(conn, messages, now=NOW)
+            await relay.add_messages(conn, [OutMessage("users", "u9", b"{}")], now=NOW)
+    finally:
+        await database.stop()
+
+    await downgrade_async(url, "segmentation", "0003")
+    database = Database(url, "segmentation")
+    await database.start()
+    try:
+        async with database.connect() as conn:
+            query = text("SELECT topic, key, payload FROM segmentation.outbox ORDER BY id")
+            rows = (await conn.execute(query)).all()
+    finally:
+        await database.stop()
+    assert [(t, k, bytes(p)) for t, k, p in rows] == [("users", "u9", b"{}")] + [
+        (m.topic, m.key, m.value) for m in messages
+    ]
+    await upgrade_async(url, "segmentation")
+    assert await current_async(url, "segmentation") == "0004"
 
 
 def population(n: int, seed: int) -> list[domain.Aggregates]:
@@ -209,7 +241,7 @@ async def test_batched_upserts_match_the_raw_activities(db: Database) -> None:
     assert later == date(2025, 5, 1)
 
 
-@pytest.mark.parametrize("db", ["postgres"], indirect=True)
+@pytest.mark.parametrize("empty_url", ["postgres"], indirect=True)
 async def test_the_set_based_batch_folds_like_the_rules(db: Database) -> None:
     """PostgreSQL records a batch in one statement (SQLite folds in Python): same aggregates
     and monthly buckets as `domain.fold_activities` / `month_amounts`; ids seen before and

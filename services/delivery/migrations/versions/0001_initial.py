@@ -34,7 +34,7 @@ def upgrade() -> None:
         schema=SCHEMA,
     )
     op.create_index("ix_deliveries_user", "deliveries", ["user_id", "updated_at"], schema=SCHEMA)
-    create_outbox(SCHEMA)
+    create_outbox(SCHEMA, packs=False)
 
 
 def downgrade() -> None:

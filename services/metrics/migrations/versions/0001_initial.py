@@ -35,7 +35,7 @@ def upgrade() -> None:
         sa.Column("value", sa.BigInteger, nullable=False),
         schema=SCHEMA,
     )
-    create_outbox(SCHEMA)
+    create_outbox(SCHEMA, packs=False)
 
 
 def downgrade() -> None:

@@ -49,7 +49,7 @@ def upgrade() -> None:
     op.create_index(
         "ix_touches_promotion", "touches", ["promotion_id", "wave", "status"], schema=SCHEMA
     )
-    create_outbox(SCHEMA)
+    create_outbox(SCHEMA, packs=False)
 
 
 def downgrade() -> None:

@@ -37,7 +37,7 @@ def upgrade() -> None:
         sa.Column("completed_at", sa.DateTime(timezone=True), nullable=True),
         schema=SCHEMA,
     )
-    create_outbox(SCHEMA)
+    create_outbox(SCHEMA, packs=False)
 
 
 def downgrade() -> None:
