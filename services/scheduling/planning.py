@@ -102,7 +102,9 @@ COPY_TOUCH_COLUMNS = (
     "reason",
     "parallel",
 )
-COPY_OUTBOX_COLUMNS = ("lane", "topic", "key", "payload", "created_at")
+# One packed row (`shared.outbox.pack`) per lane and batch: planning's events are most of
+# what the service publishes.
+COPY_OUTBOX_COLUMNS = ("lane", "topic", "key", "payload", "pack", "messages", "created_at")
 _COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + b"\x00\x00\x00\x00" + b"\x00\x00\x00\x00"
 _COPY_TRAILER = b"\xff\xff"
 _NULL = b"\xff\xff\xff\xff"
@@ -111,6 +113,7 @@ _MICROSECOND = timedelta(microseconds=1)
 _pack_len = struct.Struct(">i").pack
 _pack_ts = struct.Struct(">iq").pack
 _pack_int2 = struct.Struct(">ih").pack
+_pack_int4 = struct.Struct(">ii").pack
 _pack_count = struct.Struct(">h").pack
 _TRUE, _FALSE = _pack_len(1) + b"\x01", _pack_len(1) + b"\x00"
 
@@ -204,11 +207,14 @@ def _wave_json(wave: str, variant: str) -> bytes:
 
 
 class _CopyBuffers:
-    """One batch's touches and outbox rows as binary COPY data (PostgreSQL)."""
+    """One batch's touches as binary COPY data, and its events packed by lane (PostgreSQL)."""
 
     def __init__(self, now: datetime, encoder: FastEncoder) -> None:
         self.touches = bytearray(_COPY_HEADER)
-        self.events = bytearray(_COPY_HEADER)
+        # Per lane: the pack's bytes (a message is the key's then the value's length and
+        # bytes, `shared.outbox.pack`) and how many messages it holds.
+        self.packs: dict[int, bytearray] = {}
+        self.counts: dict[int, int] = {}
         self.now = _timestamptz(now)
         self.created = _timestamptz(encoder.now)
         self.topic = _text(encoder.topic)
@@ -252,18 +258,39 @@ class _CopyBuffers:
             )
         return found
 
-    def event_head(self, lane: int, key: str) -> bytes:
-        """Field count, then lane, topic and key of COPY_OUTBOX_COLUMNS."""
-        return b"".join(
-            (_pack_count(len(COPY_OUTBOX_COLUMNS)), _pack_int2(2, lane), self.topic, _text(key))
-        )
+    def pack_for(self, lane: int) -> bytearray:
+        found = self.packs.get(lane)
+        if found is None:
+            found = self.packs[lane] = bytearray()
+            self.counts[lane] = 0
+        return found
+
+    def _events(self) -> bytearray:
+        """The outbox rows: one per lane, its pack and message count."""
+        rows = bytearray(_COPY_HEADER)
+        empty = _pack_len(0)
+        for lane, packed in self.packs.items():
+            rows += b"".join(
+                (
+                    _pack_count(len(COPY_OUTBOX_COLUMNS)),
+                    _pack_int2(2, lane),
+                    self.topic,
+                    empty,
+                    empty,
+                    _pack_len(len(packed)),
+                    packed,
+                    _pack_int4(4, self.counts[lane]),
+                    self.created,
+                )
+            )
+        return rows
 
     async def write(self, conn: AsyncConnection) -> None:
         raw = await conn.get_raw_connection()
         driver: Any = raw.driver_connection
         for table, columns, data in (
             (store.touches, COPY_TOUCH_COLUMNS, self.touches),
-            (store.outbox, COPY_OUTBOX_COLUMNS, self.events),
+            (store.outbox, COPY_OUTBOX_COLUMNS, self._events()),
         ):
             if len(data) == len(_COPY_HEADER):
                 continue
@@ -357,12 +384,14 @@ def _plan_one(
     # A due time's or deadline's encodings from _time_parts's cache, without a call when they
     # are there (it keeps UTC ones only).
     times_get = _times.get
+    events = 0
     if copy is not None:
         # The columns of one participant's rows, encoded once (see _CopyBuffers).
         touch_head = copy.touch_head(member.promotion_id, user_id, order, label)
-        event_head = copy.event_head(lane, user_id)
-        touches_out, events_out = copy.touches, copy.events
-        wave_cols, touch_cols, event_tail = copy.wave_cols, copy.touch_cols, copy.created
+        # Each event goes to the lane's pack behind its key.
+        event_head = _text(user_id)
+        touches_out, events_out = copy.touches, copy.pack_for(lane)
+        wave_cols, touch_cols = copy.wave_cols, copy.touch_cols
         # The caches' lookups without a call when they hit (most of the time).
         waves_get, touches_get = copy.waves.get, copy.cols.get
     for (
@@ -442,7 +471,8 @@ def _plan_one(
             )
         )
         if copy is not None:
-            events_out += b"".join((event_head, _pack_len(len(payload)), payload, event_tail))
+            events_out += b"".join((event_head, _pack_len(len(payload)), payload))
+            events += 1
         else:
             emit((lane, topic, user_id, payload, created))
         if status == "suppressed":
@@ -462,9 +492,12 @@ def _plan_one(
                 )
             )
             if copy is not None:
-                events_out += b"".join((event_head, _pack_len(len(payload)), payload, event_tail))
+                events_out += b"".join((event_head, _pack_len(len(payload)), payload))
+                events += 1
             else:
                 emit((lane, topic, user_id, payload, created))
+    if copy is not None:
+        copy.counts[lane] += events
 
 
 async def _promotions_for(

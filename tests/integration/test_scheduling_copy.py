@@ -15,6 +15,7 @@ from services.scheduling.state import OUTBOX_COLUMNS, FastEncoder, bulk_insert
 from shared.db import Database
 from shared.events import AudienceMemberResolved, SegmentSnapshot
 from shared.migrations import upgrade_async
+from shared.outbox import unpack
 
 NOW = datetime(2026, 3, 6, 12, 0, 0, 123456, tzinfo=UTC)
 
@@ -67,18 +68,34 @@ async def test_binary_copy_writes_the_rows_of_the_generic_insert(fresh_postgres_
                 touches = (
                     await conn.execute(text("SELECT * FROM scheduling.touches ORDER BY touch_id"))
                 ).all()
-                events = (
+                rows = (
                     await conn.execute(
                         text(
-                            "SELECT lane, topic, key, payload, headers, created_at"
-                            " FROM scheduling.outbox ORDER BY key, payload"
+                            "SELECT lane, topic, key, payload, headers, created_at, pack, messages"
+                            " FROM scheduling.outbox ORDER BY id"
                         )
                     )
                 ).all()
-            written.append((touches, events))
+            written.append((touches, messages_by_key(rows)))
     finally:
         await db.stop()
     (copied, copied_events), (inserted, inserted_events) = written
     assert len(copied) > 1000 and len(copied_events) > len(copied)
     assert copied == inserted
+    # The same messages in the same order for each key (COPY packs them, a row per lane).
     assert copied_events == inserted_events
+
+
+def messages_by_key(rows: Any) -> list[tuple[Any, ...]]:
+    """Every message of the outbox rows (in id order, packs unpacked), then sorted by key:
+    a key's messages stay in the order they would be published."""
+    out: list[tuple[Any, ...]] = []
+    for lane, topic, key, payload, headers, created_at, packed, count in rows:
+        if packed is None:
+            assert count == 1
+            out.append((lane, topic, key, bytes(payload), headers, created_at))
+            continue
+        unpacked = unpack(bytes(packed))
+        assert count == len(unpacked) and (key, bytes(payload)) == ("", b"")
+        out += ((lane, topic, k, v, headers, created_at) for k, v in unpacked)
+    return sorted(out, key=lambda m: m[2])
