@@ -51,7 +51,17 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import BigInteger, Connection, MetaData, func, literal, select, text
+from sqlalchemy import (
+    BigInteger,
+    Connection,
+    LargeBinary,
+    MetaData,
+    Text,
+    func,
+    literal,
+    select,
+    text,
+)
 from sqlalchemy.engine import URL
 from sqlalchemy.pool import NullPool
 
@@ -346,12 +356,16 @@ def create_outbox(schema: str, name: str = "outbox", *, packs: bool = True) -> N
 
 
 def add_outbox_packs(schema: str, name: str = "outbox") -> None:
-    """Add the packed-row columns (`shared.outbox.outbox_pack_columns`) to an outbox."""
+    """Add the packed-row columns (`shared.outbox.outbox_pack_columns`) to an outbox, and
+    let `key` and `payload` be NULL (as they are in a packed row)."""
     from alembic import op
 
-    with op.batch_alter_table(name, schema=schema) as batch:
+    with op.batch_alter_table(name, schema=schema, table_kwargs=OUTBOX_TABLE_KWARGS) as batch:
         for column in outbox_pack_columns():
             batch.add_column(column)
+        # A packed row's key and payload are NULL (see `outbox_pack_columns` for why).
+        batch.alter_column("key", existing_type=Text(), nullable=True)
+        batch.alter_column("payload", existing_type=LargeBinary(), nullable=True)
     _compress_packs(schema, name)
 
 
@@ -362,7 +376,9 @@ def drop_outbox_packs(schema: str, name: str = "outbox") -> None:
 
     table = f"{schema}.{name}" if schema else name
     _unpack_rows(table)
-    with op.batch_alter_table(name, schema=schema) as batch:
+    with op.batch_alter_table(name, schema=schema, table_kwargs=OUTBOX_TABLE_KWARGS) as batch:
+        batch.alter_column("key", existing_type=Text(), nullable=False)
+        batch.alter_column("payload", existing_type=LargeBinary(), nullable=False)
         for column in reversed(outbox_pack_columns()):
             batch.drop_column(column.name)
 

@@ -127,8 +127,9 @@ def outbox_columns(*, packs: bool = True) -> list[Column[Any]]:
         ),
         Column("lane", SmallInteger, nullable=False),
         Column("topic", Text, nullable=False),
-        Column("key", Text, nullable=False),
-        Column("payload", LargeBinary, nullable=False),
+        # NULL in a packed row (see `outbox_pack_columns`), never otherwise.
+        Column("key", Text, nullable=packs),
+        Column("payload", LargeBinary, nullable=packs),
         # [[name, base64(value)], ...] or NULL when there are none.
         Column("headers", JSON, nullable=True),
         Column("created_at", UtcDateTime, nullable=False),
@@ -138,7 +139,12 @@ def outbox_columns(*, packs: bool = True) -> list[Column[Any]]:
 
 def outbox_pack_columns() -> list[Column[Any]]:
     """A packed row holds `messages` messages of one topic and lane in `pack` (see `pack`);
-    its `key` and `payload` are empty. Any other row is one message (`messages` is 1)."""
+    its `key` and `payload` are NULL. Any other row is one message (`messages` is 1).
+
+    NULL, not empty: a replica of the version before packs, still relaying during a rolling
+    update, then fails on the row (its `bytes(payload)` raises) and rolls back, leaving it
+    to the new replicas. With empty values it would publish an empty message and delete
+    the row, losing the events packed in it."""
     return [
         Column("pack", LargeBinary, nullable=True),
         Column("messages", Integer, nullable=False, server_default=text("1")),
@@ -337,8 +343,8 @@ class Outbox:
             {
                 "lane": lane,
                 "topic": topic,
-                "key": "",
-                "payload": b"",
+                "key": None,
+                "payload": None,
                 "headers": None,
                 "pack": pack((m.key, m.value) for m in group),
                 "messages": len(group),

@@ -268,15 +268,14 @@ class _CopyBuffers:
     def _events(self) -> bytearray:
         """The outbox rows: one per lane, its pack and message count."""
         rows = bytearray(_COPY_HEADER)
-        empty = _pack_len(0)
         for lane, packed in self.packs.items():
             rows += b"".join(
                 (
                     _pack_count(len(COPY_OUTBOX_COLUMNS)),
                     _pack_int2(2, lane),
                     self.topic,
-                    empty,
-                    empty,
+                    _NULL,  # key and payload: NULL in a packed row (shared.outbox)
+                    _NULL,
                     _pack_len(len(packed)),
                     packed,
                     _pack_int4(4, self.counts[lane]),

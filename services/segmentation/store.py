@@ -972,7 +972,7 @@ SELECT ARRAY(SELECT id FROM new) AS new_ids,
 _ANNOUNCE = f""",
 announced AS (
     INSERT INTO {SCHEMA}.{outbox.name} (lane, topic, key, payload, pack, messages, created_at)
-    SELECT i.lane, CAST(:topic AS text), '', ''::bytea,
+    SELECT i.lane, CAST(:topic AS text), NULL, NULL,
            {pack_sql("i.user_id", "i.payload", "i.position")}, count(*),
            CAST(:now AS timestamptz)
     FROM input i JOIN new n ON n.id = i.id

@@ -96,6 +96,6 @@ def messages_by_key(rows: Any) -> list[tuple[Any, ...]]:
             out.append((lane, topic, key, bytes(payload), headers, created_at))
             continue
         unpacked = unpack(bytes(packed))
-        assert count == len(unpacked) and (key, bytes(payload)) == ("", b"")
+        assert count == len(unpacked) and (key, payload) == (None, None)
         out += ((lane, topic, k, v, headers, created_at) for k, v in unpacked)
     return sorted(out, key=lambda m: m[2])

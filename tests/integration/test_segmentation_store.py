@@ -16,7 +16,7 @@ from shared.bus.base import OutMessage
 from shared.bus.memory import InProcessBus
 from shared.db import Database
 from shared.migrations import current_async, downgrade_async, upgrade_async
-from shared.outbox import Outbox
+from shared.outbox import Outbox, unpack
 from tests.conftest import fresh_database
 
 NOW = datetime(2026, 3, 8, 12, 0, tzinfo=UTC)
@@ -106,6 +106,53 @@ async def test_packed_events_still_waiting_survive_a_downgrade(empty_url: str) -
     ]
     await upgrade_async(url, "segmentation")
     assert await current_async(url, "segmentation") == "0004"
+
+
+@pytest.mark.parametrize("empty_url", ["postgres"], indirect=True)
+async def test_an_announced_batch_leaves_one_packed_row_per_lane(db: Database) -> None:
+    """The ingest's statement packs the new activities' events by lane, in the batch's
+    order; ids seen before are not announced again. Key and payload stay NULL (what makes
+    a relay of the version before packs fail on the row instead of publishing it empty)."""
+    items = [
+        {"id": f"a-{i}", "user_id": f"u-{i % 5}", "kind": "visit", "occurred_at": NOW}
+        for i in range(12)
+    ]
+    announce = encoding.Announce(
+        lane=lambda user_id: int(user_id[-1]) % 2,
+        source="/t",
+        time=NOW,
+        ids=encoding.EventIds(),
+    )
+    start = domain.ltv_window_start(NOW, 12)
+    lane_of = announce.lane
+    expected: dict[int, list[tuple[str, bytes]]] = {}
+    for batch, new in ((items[:5], items[:5]), (items[3:], items[5:])):  # a-3, a-4 twice
+        rows = encoding.activity_batch(batch, announce)
+        assert rows.payloads is not None
+        for item, payload in zip(batch, rows.payloads, strict=True):
+            if item in new:
+                expected.setdefault(lane_of(item["user_id"]), []).append((item["user_id"], payload))
+        async with db.begin() as conn:
+            await store.record_batch_postgres(
+                conn, rows, now=NOW, default_start=start, topic="activities"
+            )
+    async with db.connect() as conn:
+        stored = (
+            await conn.execute(
+                text(
+                    "SELECT lane, topic, key, payload, pack, messages FROM segmentation.outbox"
+                    " ORDER BY id"
+                )
+            )
+        ).all()
+    by_lane: dict[int, list[tuple[str, bytes]]] = {}
+    for lane, topic, key, payload, packed, count in stored:
+        assert (topic, key, payload) == ("activities", None, None)
+        unpacked = unpack(bytes(packed))
+        assert count == len(unpacked)
+        by_lane.setdefault(lane, []).extend(unpacked)
+    assert len(stored) == 4  # two lanes, two batches
+    assert by_lane == expected
 
 
 def population(n: int, seed: int) -> list[domain.Aggregates]:
