@@ -371,7 +371,7 @@ def add_outbox_packs(schema: str, name: str = "outbox") -> None:
 
 def drop_outbox_packs(schema: str, name: str = "outbox") -> None:
     """Undo `add_outbox_packs`. Packed rows still waiting are unpacked into one row per
-    message first: the relay of the older code would publish them empty."""
+    message first: the relay of the older code cannot publish them."""
     from alembic import op
 
     table = f"{schema}.{name}" if schema else name
@@ -397,21 +397,20 @@ def _unpack_rows(table: str) -> None:
             " ORDER BY id"
         )
     ).all()
-    for _, lane, topic, created_at, packed in rows:
-        for key, value in unpack(bytes(packed)):
-            bind.execute(
-                text(
-                    f"INSERT INTO {table} (lane, topic, key, payload, created_at)"
-                    " VALUES (:lane, :topic, :key, :payload, :created_at)"
-                ),
-                {
-                    "lane": lane,
-                    "topic": topic,
-                    "key": key,
-                    "payload": value,
-                    "created_at": created_at,
-                },
-            )
+    messages = [
+        {"lane": lane, "topic": topic, "key": key, "payload": value, "created_at": created_at}
+        for _, lane, topic, created_at, packed in rows
+        for key, value in unpack(bytes(packed))
+    ]
+    if messages:
+        # One statement for all of them, executed in list order (ids follow it).
+        bind.execute(
+            text(
+                f"INSERT INTO {table} (lane, topic, key, payload, created_at)"
+                " VALUES (:lane, :topic, :key, :payload, :created_at)"
+            ),
+            messages,
+        )
     bind.execute(text(f"DELETE FROM {table} WHERE pack IS NOT NULL"))
 
 

@@ -184,13 +184,16 @@ def lane_lock_key(schema: str | None, table: str, lane: int) -> int:
 
 
 _LENGTH = struct.Struct(">I")
+# The 4-byte length in front of each key and value of a pack: for writers that build packs
+# themselves (planning, inside its COPY data).
+pack_length: Callable[[int], bytes] = _LENGTH.pack
 
 
 def pack(messages: Iterable[tuple[str, bytes]]) -> bytes:
     """(key, value) pairs as the `pack` of an outbox row: for each, the key's UTF-8 length
     (4 bytes, big-endian), the key, the value's length (same), the value."""
     parts: list[bytes] = []
-    length = _LENGTH.pack
+    length = pack_length
     for key, value in messages:
         raw = key.encode()
         parts += (length(len(raw)), raw, length(len(value)), value)

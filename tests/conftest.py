@@ -13,6 +13,7 @@ import os
 import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -166,4 +167,18 @@ async def fresh_database(postgres_url: str, name: str) -> AsyncIterator[str]:
 @pytest.fixture
 async def fresh_postgres_url(postgres_url: str, unique: str) -> AsyncIterator[str]:
     async with fresh_database(postgres_url, f"t_{unique}") as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def database_url(
+    request: pytest.FixtureRequest, tmp_path: Path, unique: str
+) -> AsyncIterator[str]:
+    """An empty database on each backend: a SQLite file, or a fresh PostgreSQL database
+    (dropped afterwards). `@pytest.mark.parametrize("database_url", ["postgres"],
+    indirect=True)` keeps one backend."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'a.db'}"
+        return
+    async with fresh_database(request.getfixturevalue("postgres_url"), f"t_{unique}") as url:
         yield url

@@ -26,6 +26,7 @@ from services.scheduling.state import (
 )
 from shared.db import insert_ignore
 from shared.events import AudienceMemberResolved, Event, TouchPlanned, TouchSuppressed
+from shared.outbox import pack_length
 from shared.service import ServiceContext
 
 _KEY_CHUNK = 5000
@@ -387,8 +388,9 @@ def _plan_one(
     if copy is not None:
         # The columns of one participant's rows, encoded once (see _CopyBuffers).
         touch_head = copy.touch_head(member.promotion_id, user_id, order, label)
-        # Each event goes to the lane's pack behind its key.
-        event_head = _text(user_id)
+        # Each event goes to the lane's pack behind its key (`shared.outbox.pack`'s layout).
+        user_raw = user_id.encode()
+        event_head = pack_length(len(user_raw)) + user_raw
         touches_out, events_out = copy.touches, copy.pack_for(lane)
         wave_cols, touch_cols = copy.wave_cols, copy.touch_cols
         # The caches' lookups without a call when they hit (most of the time).
@@ -470,7 +472,7 @@ def _plan_one(
             )
         )
         if copy is not None:
-            events_out += b"".join((event_head, _pack_len(len(payload)), payload))
+            events_out += b"".join((event_head, pack_length(len(payload)), payload))
             events += 1
         else:
             emit((lane, topic, user_id, payload, created))
@@ -491,7 +493,7 @@ def _plan_one(
                 )
             )
             if copy is not None:
-                events_out += b"".join((event_head, _pack_len(len(payload)), payload))
+                events_out += b"".join((event_head, pack_length(len(payload)), payload))
                 events += 1
             else:
                 emit((lane, topic, user_id, payload, created))

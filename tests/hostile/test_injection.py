@@ -62,8 +62,7 @@ def assert_plain_json(response: httpx.Response) -> None:
     assert "x-injected" not in response.headers
 
 
-# SQLite and PostgreSQL, each test on a fresh database.
-database_url = scheduling_support.database_url
+# `database_url` (tests/conftest.py): SQLite and PostgreSQL, each test on a fresh database.
 
 
 def segmentation(database_url: str) -> contextlib.AbstractAsyncContextManager[httpx.AsyncClient]:

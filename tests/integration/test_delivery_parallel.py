@@ -7,16 +7,12 @@ on SQLite and on PostgreSQL.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
-import pytest
 from sqlalchemy import select, update
 
 from services.delivery import store
 from shared.events import DeliveryFailed, DeliverySent, TouchDue
-from tests.conftest import fresh_database
 from tests.integration.test_delivery_service import (
     Stack,
     channels,
@@ -26,18 +22,6 @@ from tests.integration.test_delivery_service import (
     user,
 )
 from tests.support.provider_server import Answer, ProviderServer
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-async def database_url(
-    request: pytest.FixtureRequest, tmp_path: Path, unique: str
-) -> AsyncIterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'delivery.db'}"
-        return
-    postgres = request.getfixturevalue("postgres_url")
-    async with fresh_database(postgres, f"t_{unique}") as url:
-        yield url
 
 
 def parallel(touch_id: str, user_id: str, *chs: str, n: int = 2) -> TouchDue:

@@ -8,7 +8,6 @@ import orjson
 from tests.integration.test_delivery_service import (
     _ready,
     channels,
-    database_url,
     delivery,
     eventually,
     touch,
@@ -16,7 +15,6 @@ from tests.integration.test_delivery_service import (
 )
 from tests.support.provider_server import ProviderServer
 
-__all__ = ["database_url"]  # the fixture, used by name
 AT = "2026-03-08T12:05:00+00:00"
 
 

@@ -13,7 +13,6 @@ import dataclasses
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -38,7 +37,6 @@ from shared.events import (
 )
 from shared.service import ServiceContext
 from shared.settings import Settings
-from tests.conftest import fresh_database
 from tests.support.provider_server import Answer, ProviderServer
 
 TOKEN = "delivery-token"
@@ -52,18 +50,6 @@ ADDRESSES = {
     "in_app": "u",
     "social": "open-id",
 }
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-async def database_url(
-    request: pytest.FixtureRequest, tmp_path: Path, unique: str
-) -> AsyncIterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'delivery.db'}"
-        return
-    postgres = request.getfixturevalue("postgres_url")
-    async with fresh_database(postgres, f"t_{unique}") as url:
-        yield url
 
 
 @dataclasses.dataclass

@@ -4,9 +4,7 @@ the outcomes come one by one or in one batch."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,22 +12,10 @@ from sqlalchemy import select
 
 from services.scheduling import handlers, store
 from shared.events import DeliveryFailed, DeliverySent, Event, default_registry, encode
-from tests.conftest import fresh_database
 from tests.integration.scheduling_harness import scheduling
 
 NOW = datetime(2026, 3, 6, 12, 0, tzinfo=UTC)
 REGISTRY = default_registry()
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-async def database_url(
-    request: pytest.FixtureRequest, tmp_path: Path, unique: str
-) -> AsyncIterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'a.db'}"
-        return
-    async with fresh_database(request.getfixturevalue("postgres_url"), f"t_{unique}") as url:
-        yield url
 
 
 def outcome(touch_id: str, channel: str, failed: bool = False) -> Event[Any]:

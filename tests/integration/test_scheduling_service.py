@@ -7,7 +7,6 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,22 +24,10 @@ from shared.events import (
     UserErased,
     UserUpdated,
 )
-from tests.conftest import fresh_database
 from tests.integration.scheduling_harness import Harness, days, scheduling
 
 END = datetime(2026, 3, 6, 12, 0, tzinfo=UTC)
 CONSENT = {"sms": True, "email": True, "push": True, "in_app": True, "social": True}
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-async def database_url(
-    request: pytest.FixtureRequest, tmp_path: Path, unique: str
-) -> AsyncIterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'a.db'}"
-        return
-    async with fresh_database(request.getfixturevalue("postgres_url"), f"t_{unique}") as url:
-        yield url
 
 
 @pytest.fixture

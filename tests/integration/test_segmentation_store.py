@@ -6,7 +6,6 @@ from __future__ import annotations
 import random
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
-from pathlib import Path
 
 import pytest
 from sqlalchemy import select, text
@@ -17,37 +16,23 @@ from shared.bus.memory import InProcessBus
 from shared.db import Database
 from shared.migrations import current_async, downgrade_async, upgrade_async
 from shared.outbox import Outbox, unpack
-from tests.conftest import fresh_database
 
 NOW = datetime(2026, 3, 8, 12, 0, tzinfo=UTC)
 SHARES = (60, 25, 15)
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-async def empty_url(
-    request: pytest.FixtureRequest, tmp_path: Path, unique: str
-) -> AsyncIterator[str]:
-    """A database with nothing in it yet: a SQLite file, or a fresh PostgreSQL database."""
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'seg.db'}"
-        return
-    postgres = request.getfixturevalue("postgres_url")
-    async with fresh_database(postgres, f"t_{unique}") as url:
-        yield url
-
-
 @pytest.fixture
-async def db(empty_url: str) -> AsyncIterator[Database]:
-    await upgrade_async(empty_url, "segmentation")
-    database = Database(empty_url, "segmentation")
+async def db(database_url: str) -> AsyncIterator[Database]:
+    await upgrade_async(database_url, "segmentation")
+    database = Database(database_url, "segmentation")
     await database.start()
     yield database
     await database.stop()
 
 
-async def test_the_migrations_go_down_and_up_again(empty_url: str) -> None:
+async def test_the_migrations_go_down_and_up_again(database_url: str) -> None:
     """0003 (room for HOT updates of the aggregates) downgrades and upgrades on both."""
-    url = empty_url
+    url = database_url
     postgres = url.startswith("postgresql")
 
     async def fillfactor() -> str | None:
@@ -76,10 +61,10 @@ async def test_the_migrations_go_down_and_up_again(empty_url: str) -> None:
     assert await current_async(url, "segmentation") == "0004"
 
 
-async def test_packed_events_still_waiting_survive_a_downgrade(empty_url: str) -> None:
+async def test_packed_events_still_waiting_survive_a_downgrade(database_url: str) -> None:
     """0004 down: a packed outbox row not relayed yet becomes one row per message, in the
     pack's order, so the relay of 0003's code publishes every event."""
-    url = empty_url
+    url = database_url
     await upgrade_async(url, "segmentation")
     messages = [OutMessage("activities", f"u{i % 3}", b'{"n":%d}' % i) for i in range(7)]
     database = Database(url, "segmentation")
@@ -108,7 +93,7 @@ async def test_packed_events_still_waiting_survive_a_downgrade(empty_url: str) -
     assert await current_async(url, "segmentation") == "0004"
 
 
-@pytest.mark.parametrize("empty_url", ["postgres"], indirect=True)
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
 async def test_an_announced_batch_leaves_one_packed_row_per_lane(db: Database) -> None:
     """The ingest's statement packs the new activities' events by lane, in the batch's
     order; ids seen before are not announced again. Key and payload stay NULL (what makes
@@ -288,7 +273,7 @@ async def test_batched_upserts_match_the_raw_activities(db: Database) -> None:
     assert later == date(2025, 5, 1)
 
 
-@pytest.mark.parametrize("empty_url", ["postgres"], indirect=True)
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
 async def test_the_set_based_batch_folds_like_the_rules(db: Database) -> None:
     """PostgreSQL records a batch in one statement (SQLite folds in Python): same aggregates
     and monthly buckets as `domain.fold_activities` / `month_amounts`; ids seen before and
