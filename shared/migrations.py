@@ -31,8 +31,12 @@ in a worker thread for no benefit.)
 
 alembic keeps its `context`/`op` in module globals, so one process runs one
 alembic command at a time (`_ALEMBIC_LOCK`); other processes are serialised by
-the advisory lock on PostgreSQL and by `BEGIN IMMEDIATE` (SQLite's write lock,
-taken before the version is read) on SQLite.
+the advisory lock on PostgreSQL and, on SQLite, by an exclusive `flock` on a file
+beside the database, taken before the engine connects: `BEGIN IMMEDIATE` alone
+is not enough, because the connection's set-up (`PRAGMA journal_mode = WAL` on a
+new file, `ATTACH`) runs before it, and SQLite answers "database is locked" at
+once, without waiting, when two connections would deadlock on a file still in
+rollback mode. `BEGIN IMMEDIATE` stays, for writers that are not migrations.
 
 `run_env` also works when alembic's own CLI runs env.py: it then builds an
 engine from `config.attributes["url"]` or `sqlalchemy.url` itself.
@@ -42,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import hashlib
 import importlib.util
 import threading
@@ -114,10 +119,46 @@ def migration_lock_key(schema: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
+# How often a process waiting for another one's SQLite migration looks again.
+_FILE_LOCK_POLL_S = 0.02
+
+
+@contextlib.asynccontextmanager
+async def _sqlite_migration_turn(url: str | URL) -> AsyncIterator[None]:
+    """One migrating process at a time per SQLite database (all its schema files)."""
+    parsed = async_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        yield
+        return
+    main = Path(str(parsed.database))
+    lock_path = main.parent / f"{main.name}.migrations.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("a") as handle:
+        # Non-blocking tries keep the loop free and cancel-safe; the kernel drops the
+        # lock if the holder dies, so a crashed migration never blocks the next one.
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                await asyncio.sleep(_FILE_LOCK_POLL_S)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 async def _with_connection(
     url: str | URL, schema: str, fn: Callable[[Connection], None], *, prepare: bool = True
 ) -> None:
     """Run `fn(sync_connection)` in one transaction on a prepared connection to `schema`."""
+    async with _sqlite_migration_turn(url):
+        await _connected(url, schema, fn, prepare=prepare)
+
+
+async def _connected(
+    url: str | URL, schema: str, fn: Callable[[Connection], None], *, prepare: bool
+) -> None:
     # BEGIN IMMEDIATE on SQLite: another process migrating waits for the write lock
     # (busy_timeout) instead of failing after reading a version that is about to change.
     engine = make_engine(url, schema, poolclass=NullPool, sqlite_begin_immediate=prepare)
