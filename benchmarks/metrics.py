@@ -70,6 +70,7 @@ from services.metrics import store
 from services.metrics.app import create_app
 from shared.bus import OutMessage
 from shared.bus.kafka import KafkaBus
+from shared.db import create_database_sql
 from shared.events import (
     ActivityRecorded,
     DeliverySent,
@@ -460,7 +461,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     name = f"bench_metrics_{uuid.uuid4().hex[:8]}"
     admin = create_async_engine(base, isolation_level="AUTOCOMMIT")
     async with admin.connect() as conn:
-        await conn.execute(text(f'CREATE DATABASE "{name}"'))
+        await conn.execute(text(create_database_sql(name)))
     url = make_url(base).set(database=name).render_as_string(hide_password=False)
     prefix = f"bench-metrics-{uuid.uuid4().hex[:8]}."
     try:

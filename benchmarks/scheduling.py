@@ -74,7 +74,7 @@ from services.scheduling import dispatcher, planning, store
 from services.scheduling.config import SchedulingSettings
 from services.scheduling.state import stop_dispatchers
 from shared.bus.kafka import KafkaBus
-from shared.db import Database
+from shared.db import Database, create_database_sql
 from shared.events import (
     AudienceMemberResolved,
     Event,
@@ -186,7 +186,7 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
     name = f"bench_sched_{uuid.uuid4().hex[:8]}"
     admin = create_async_engine(base, isolation_level="AUTOCOMMIT")
     async with admin.connect() as conn:
-        await conn.execute(text(f'CREATE DATABASE "{name}"'))
+        await conn.execute(text(create_database_sql(name)))
     url = make_url(base).set(database=name).render_as_string(hide_password=False)
     prefix = f"bench{uuid.uuid4().hex[:6]}."
     try:

@@ -71,6 +71,7 @@ from benchmarks.bus import delete_topics
 from services.segmentation import handlers
 from services.segmentation.app import build_spec
 from services.segmentation.config import SegmentationConfig
+from shared.db import create_database_sql
 from shared.events import PromotionEnded, default_registry, encode
 from shared.service import ServiceContext
 from shared.settings import Settings
@@ -336,7 +337,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     name = f"bench_seg_{uuid.uuid4().hex[:8]}"
     admin = create_async_engine(server, isolation_level="AUTOCOMMIT")
     async with admin.connect() as conn:
-        await conn.execute(text(f'CREATE DATABASE "{name}"'))
+        await conn.execute(text(create_database_sql(name)))
     url = make_url(server).set(database=name).render_as_string(hide_password=False)
     print(f"segmentation benchmark: {users:,} users, {10 * users:,} activities, database {name}")
     figures: dict[str, Any] = {"load_1m": round(os.getloadavg()[0], 2)}

@@ -153,6 +153,7 @@ def create_service_app(
         if settings.auto_migrate:
             await upgrade_async(settings.database_url, spec.name)
         await db.start()
+        await db.warn_if_slow_collation()
         owned_bus = bus is None
         the_bus = bus or make_bus(settings, f"afterglow-{spec.name}", metrics)
         the_clock = clock or app.state.clock

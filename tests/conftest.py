@@ -153,9 +153,11 @@ async def fresh_database(postgres_url: str, name: str) -> AsyncIterator[str]:
     from sqlalchemy.engine import make_url
     from sqlalchemy.ext.asyncio import create_async_engine
 
+    from shared.db import create_database_sql
+
     admin = create_async_engine(postgres_url, isolation_level="AUTOCOMMIT")
     async with admin.connect() as conn:
-        await conn.execute(text(f'CREATE DATABASE "{name}"'))
+        await conn.execute(text(create_database_sql(name)))
     try:
         yield make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
     finally:

@@ -27,6 +27,8 @@ from sqlalchemy import (
     select,
     text,
 )
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from shared.db import (
     Database,
@@ -322,6 +324,45 @@ async def test_ping_is_bounded_when_the_server_is_away(postgres_url: str) -> Non
         assert await db.ping(timeout_s=0.5) is False
         assert time.monotonic() - started_at < 2.0
         await db.stop()
+
+
+@pytest.mark.postgres
+async def test_start_up_warns_of_a_slow_collation(
+    postgres_url: str, fresh_postgres_url: str, unique: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The project's databases compare text keys by bytes; another collation is named."""
+    ours = Database(fresh_postgres_url, "x")
+    await ours.start()
+    with caplog.at_level("WARNING", logger="shared.db"):
+        assert await ours.collation() == "C"
+        await ours.warn_if_slow_collation()
+    await ours.stop()
+    assert caplog.records == []
+
+    admin = create_async_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    name = f"t_{unique}_libc"
+    async with admin.connect() as conn:
+        await conn.execute(
+            text(f"CREATE DATABASE \"{name}\" TEMPLATE template0 LC_COLLATE 'C.UTF-8'")
+        )
+    try:
+        theirs = Database(make_url(postgres_url).set(database=name), "x")
+        await theirs.start()
+        with caplog.at_level("WARNING", logger="shared.db"):
+            await theirs.warn_if_slow_collation()
+        await theirs.stop()
+    finally:
+        async with admin.connect() as conn:
+            await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        await admin.dispose()
+    [warning] = caplog.records
+    assert "C.UTF-8" in warning.getMessage() and "LC_COLLATE 'C'" in warning.getMessage()
+
+    # Nor does a database that is not there stop a service from starting.
+    away = Database("postgresql+asyncpg://postgres@127.0.0.1:1/none", "x")
+    await away.start()
+    await away.warn_if_slow_collation()
+    await away.stop()
 
 
 @pytest.mark.parametrize(
