@@ -63,14 +63,13 @@ PING_TIMEOUT_S = 2.0
 # Measured: ingest +7%, metrics counting +9%, a rebuild 9% shorter. The project creates its
 # databases so; an operator's database of another collation works, and start-up says so.
 FAST_COLLATIONS = frozenset({"C", "POSIX"})
-CREATE_DATABASE_OPTIONS = "TEMPLATE template0 LC_COLLATE 'C'"
 
 
 def create_database_sql(name: str) -> str:
     """`CREATE DATABASE` for a database of this project (collation C: `FAST_COLLATIONS`)."""
     if '"' in name:
         raise DatabaseConfigError(f"database name {name!r} must not contain a double quote")
-    return f'CREATE DATABASE "{name}" {CREATE_DATABASE_OPTIONS}'
+    return f"CREATE DATABASE \"{name}\" TEMPLATE template0 LC_COLLATE 'C'"
 
 
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")

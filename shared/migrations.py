@@ -152,18 +152,11 @@ async def _with_connection(
     url: str | URL, schema: str, fn: Callable[[Connection], None], *, prepare: bool = True
 ) -> None:
     """Run `fn(sync_connection)` in one transaction on a prepared connection to `schema`."""
-    async with _sqlite_migration_turn(url):
-        await _connected(url, schema, fn, prepare=prepare)
-
-
-async def _connected(
-    url: str | URL, schema: str, fn: Callable[[Connection], None], *, prepare: bool
-) -> None:
     # BEGIN IMMEDIATE on SQLite: another process migrating waits for the write lock
     # (busy_timeout) instead of failing after reading a version that is about to change.
     engine = make_engine(url, schema, poolclass=NullPool, sqlite_begin_immediate=prepare)
     try:
-        async with engine.begin() as conn:
+        async with _sqlite_migration_turn(url), engine.begin() as conn:
             if prepare and conn.dialect.name == "postgresql":
                 # Waits for a concurrent migration of the same schema; released at commit.
                 key = literal(migration_lock_key(schema), BigInteger)
