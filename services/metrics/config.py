@@ -35,6 +35,11 @@ class MetricsSettings(BaseSettings):
     # How often the ids older than that are deleted (service clock).
     seen_prune_interval_s: float = Field(3600.0, gt=0)
 
+    # Transactions counting at once per process on PostgreSQL, each for its own share of the
+    # users (one connection each): while one lane's statements run in the database, another
+    # lane counts in Python. SQLite always counts in one lane.
+    counting_lanes: int = Field(2, ge=1, le=8)
+
     @property
     def attribution_window(self) -> timedelta:
         return timedelta(days=self.attribution_window_days)

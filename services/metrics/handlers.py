@@ -685,13 +685,13 @@ DISPATCH: dict[type[Any], Callable[[Batch, Event[Any]], Awaitable[None]]] = {
 MAX_TRANSACTION_EVENTS = 20_000
 
 
-class Combiner:
+class Lane:
     """Group commit: the batches handed in concurrently (one per partition the consumer is
-    working on) are counted together, in one transaction at a time per process.
+    working on) are counted together, in one transaction at a time per lane.
 
     Counting cost is mostly per transaction (a dozen statements), so fewer, larger
     transactions count more events per second; one transaction at a time also spares
-    the process's own transactions from waiting for each other's user locks. A caller
+    the lane's own transactions from waiting for each other's user locks. A caller
     returns once its events are committed (or raises), so the consumer commits offsets
     only for counted events. If a combined transaction fails, each caller's batch is
     retried alone, so that one bad batch fails only its own caller.
@@ -745,6 +745,44 @@ class Combiner:
             self.queue[:0] = [entry for entry in group if not entry[1].done()]
 
 
+class Combiner:
+    """Counting in `lanes` independent lanes (see Lane), each event in the lane `lane_of`
+    gives it, so that one lane's Python counting runs while another's statements run in the
+    database: one transaction at a time would leave the process and the database waiting
+    for each other. Lanes must not share state: metrics gives each lane its own users (by
+    their lock share), as if each lane were a replica of its own. A caller returns once the
+    events of every lane it handed in are committed, and raises if one lane failed (its
+    batch is then redelivered; what the other lanes counted is recognised by event id)."""
+
+    def __init__(
+        self,
+        run: Callable[[list[Event[Any]]], Awaitable[None]],
+        max_events: int = MAX_TRANSACTION_EVENTS,
+        *,
+        lanes: int = 1,
+        lane_of: Callable[[Event[Any]], int] | None = None,
+    ) -> None:
+        if lanes > 1 and lane_of is None:
+            raise ValueError("several lanes need lane_of")
+        self.lanes = [Lane(run, max_events) for _ in range(lanes)]
+        self.lane_of = lane_of
+
+    async def submit(self, events: Sequence[Event[Any]]) -> None:
+        if len(self.lanes) == 1 or self.lane_of is None:
+            return await self.lanes[0].submit(events)
+        parts: list[list[Event[Any]]] = [[] for _ in self.lanes]
+        lane_of = self.lane_of
+        for event in events:
+            parts[lane_of(event)].append(event)
+        results = await asyncio.gather(
+            *(lane.submit(part) for lane, part in zip(self.lanes, parts, strict=True) if part),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+
 COMBINER_KEY = "metrics_combiner"
 
 
@@ -793,7 +831,11 @@ async def on_events(ctx: ServiceContext, events: Sequence[Event[Any]]) -> None:
             async with ctx.db.begin() as conn:
                 await apply(conn, fresh, window)
 
-        combiner = ctx.extras[COMBINER_KEY] = Combiner(run)
+        # SQLite has one writer at a time: lanes would only queue for it.
+        lanes = 1 if ctx.db.is_sqlite else settings_of(ctx).counting_lanes
+        combiner = ctx.extras[COMBINER_KEY] = Combiner(
+            run, lanes=lanes, lane_of=lambda e: user_share(e.data.user_id) % lanes
+        )
     await combiner.submit(events)
 
 
@@ -820,6 +862,11 @@ def _lock_key(n: int) -> int:
 _USER_LOCK_KEYS = [_lock_key(n) for n in range(USER_LOCKS)]
 
 
+def user_share(user_id: str) -> int:
+    """Which of the USER_LOCKS shares `user_id` belongs to."""
+    return zlib.crc32(user_id.encode()) % USER_LOCKS
+
+
 async def lock_users(conn: AsyncConnection, users: set[str]) -> None:
     """On PostgreSQL, hold the transaction lock of each user's share (taken in key order, so
     batches never deadlock): topics are consumed concurrently, and a purchase and the exposure
@@ -827,7 +874,7 @@ async def lock_users(conn: AsyncConnection, users: set[str]) -> None:
     other. Users sharing a lock only wait for each other."""
     if conn.dialect.name != "postgresql" or not users:
         return
-    keys = sorted({_USER_LOCK_KEYS[zlib.crc32(u.encode()) % USER_LOCKS] for u in users})
+    keys = sorted({_USER_LOCK_KEYS[user_share(u)] for u in users})
     await conn.execute(_LOCK, {"keys": keys})
 
 

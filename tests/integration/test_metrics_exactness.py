@@ -3,6 +3,7 @@ hand-computed funnel figures, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator
@@ -253,7 +254,31 @@ async def test_every_figure_by_hand(db: Database, size: int) -> None:
     events = stream()
     await feed(db, events, size)
     await feed(db, events, 7)  # a whole replay changes nothing
+    await check_every_figure(db)
 
+
+async def test_every_figure_by_hand_counted_in_two_lanes_at_once(db: Database) -> None:
+    """As the service counts on PostgreSQL: batches handed in at once (as by the consumer's
+    partitions), each event counted in its user's lane, the lanes' transactions at once."""
+
+    async def run(batch: list[Event[Any]]) -> None:
+        async with db.begin() as conn:
+            await handlers.apply(conn, batch, WINDOW)
+
+    def lane_of(event: Event[Any]) -> int:
+        return handlers.user_share(event.data.user_id) % 2
+
+    events = stream()
+    assert {lane_of(e) for e in events} == {0, 1}  # both lanes have users of the stream
+    combiner = handlers.Combiner(run, lanes=2, lane_of=lane_of)
+    for size in (5, 3):  # then a whole replay, which changes nothing
+        await asyncio.gather(
+            *(combiner.submit(events[i : i + size]) for i in range(0, len(events), size))
+        )
+    await check_every_figure(db)
+
+
+async def check_every_figure(db: Database) -> None:
     rows = {r["wave"]: r for r in await funnel(db, ("wave",))}
     assert set(rows) == {"launch", "day3"}
     check(rows["launch"], LAUNCH)

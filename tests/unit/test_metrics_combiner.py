@@ -6,6 +6,8 @@ import asyncio
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
+
 from services.metrics.handlers import Combiner
 from shared.bus import Message
 from shared.consumer import EventConsumer
@@ -98,3 +100,38 @@ async def test_one_batch_handler_for_several_types_gets_them_in_one_call() -> No
     ]
     await consumer(messages)
     assert len(calls) == 1 and len(calls[0]) == 3
+
+
+async def test_lanes_count_at_once_and_a_caller_waits_for_all_of_its_lanes() -> None:
+    started: list[list[str]] = []
+    both_running = asyncio.Event()
+    release = asyncio.Event()
+
+    async def run(events: list[Any]) -> None:
+        started.append(list(events))
+        if len(started) == 2:
+            both_running.set()
+        await release.wait()
+        if "bad0" in events:
+            raise ValueError("bad event")
+
+    # Even-numbered events go to lane 0, odd ones to lane 1.
+    combiner = Combiner(run, lanes=2, lane_of=lambda e: int(e[-1]) % 2)
+    caller = asyncio.create_task(combiner.submit(["e0", "e1", "e2", "e3"]))
+    # The two lanes' transactions run at the same time: neither waits for the other.
+    await asyncio.wait_for(both_running.wait(), timeout=5)
+    assert sorted(started) == [["e0", "e2"], ["e1", "e3"]]
+    assert not caller.done()
+    release.set()
+    await caller
+
+    # A failure in one lane fails the caller, once the other lane has finished too.
+    started.clear()
+    release.clear()
+    both_running.clear()
+    failing = asyncio.create_task(combiner.submit(["bad0", "ok1"]))
+    await asyncio.wait_for(both_running.wait(), timeout=5)
+    release.set()
+    with pytest.raises(ValueError, match="bad event"):
+        await failing
+    assert sorted(started) == [["bad0"], ["ok1"]]
