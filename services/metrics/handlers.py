@@ -834,7 +834,7 @@ async def on_events(ctx: ServiceContext, events: Sequence[Event[Any]]) -> None:
         # SQLite has one writer at a time: lanes would only queue for it.
         lanes = 1 if ctx.db.is_sqlite else settings_of(ctx).counting_lanes
         combiner = ctx.extras[COMBINER_KEY] = Combiner(
-            run, lanes=lanes, lane_of=lambda e: user_share(e.data.user_id) % lanes
+            run, lanes=lanes, lane_of=lane_by_user(lanes)
         )
     await combiner.submit(events)
 
@@ -865,6 +865,12 @@ _USER_LOCK_KEYS = [_lock_key(n) for n in range(USER_LOCKS)]
 def user_share(user_id: str) -> int:
     """Which of the USER_LOCKS shares `user_id` belongs to."""
     return zlib.crc32(user_id.encode()) % USER_LOCKS
+
+
+def lane_by_user(lanes: int) -> Callable[[Event[Any]], int]:
+    """The Combiner lane of an event: its user's lock share, modulo `lanes`, so that no two
+    lanes ever take the same user lock."""
+    return lambda event: user_share(event.data.user_id) % lanes
 
 
 async def lock_users(conn: AsyncConnection, users: set[str]) -> None:

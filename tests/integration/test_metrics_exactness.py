@@ -265,9 +265,7 @@ async def test_every_figure_by_hand_counted_in_two_lanes_at_once(db: Database) -
         async with db.begin() as conn:
             await handlers.apply(conn, batch, WINDOW)
 
-    def lane_of(event: Event[Any]) -> int:
-        return handlers.user_share(event.data.user_id) % 2
-
+    lane_of = handlers.lane_by_user(2)
     events = stream()
     assert {lane_of(e) for e in events} == {0, 1}  # both lanes have users of the stream
     combiner = handlers.Combiner(run, lanes=2, lane_of=lane_of)
