@@ -297,6 +297,35 @@ async def test_a_round_takes_packed_rows_until_its_batch_is_full(env: Env) -> No
     assert [m.value for m in bus.messages("users")] == [b"%d" % i for i in range(19)]
 
 
+async def test_each_lane_of_a_round_takes_its_own_batch(env: Env) -> None:
+    """`batch` counts each lane's messages on its own: a lane of big packs does not
+    leave another lane's rows for the next round, nor take more than its share."""
+    db, _, _, bus, outbox = await setup(env, lanes=2, batch=10)
+    packed_key = "k0"
+    single_key = next(f"k{i}" for i in range(1, 50) if lane_for(f"k{i}", 2) != lane_for("k0", 2))
+    async with db.begin() as conn:
+        for start in (0, 6, 12):
+            await outbox.add_packed(
+                conn,
+                [OutMessage("users", packed_key, b"%d" % i) for i in range(start, start + 6)],
+                now=NOW,
+            )
+        await outbox.add_messages(
+            conn, [OutMessage("users", single_key, b"%d" % i) for i in range(15)], now=NOW
+        )
+    # The packed lane: two packs (the third starts at its 13th message); the other: 10 rows.
+    assert await outbox.relay_once() == 12 + 10
+    assert await outbox.pending() == 6 + 5
+    assert await outbox.relay_once() == 6 + 5
+    values: dict[str, list[bytes]] = defaultdict(list)
+    for m in bus.messages("users"):
+        values[m.key].append(m.value)
+    assert values == {
+        packed_key: [b"%d" % i for i in range(18)],
+        single_key: [b"%d" % i for i in range(15)],
+    }
+
+
 async def test_packed_messages_carry_no_headers(env: Env) -> None:
     db, _, _, _, outbox = await setup(env)
     async with db.begin() as conn:
