@@ -310,16 +310,19 @@ async def bench(
                     for _ in range(args.dispatchers)
                 ]
                 await asyncio.sleep(seconds)
-                # Until nothing of the day is pending and the outbox is empty.
+                # Until nothing of the day is pending and the outbox is empty. One row is
+                # enough to know: a count here ran parallel scans of the 5,000,000 touches
+                # every 0.2 s, taking the CPU the dispatchers were measured on.
                 async with asyncio.timeout(max(1800.0, 10 * seconds)):
                     while True:
                         async with db.connect() as conn:
                             left = await conn.scalar(
-                                select(func.count()).where(
-                                    t.c.status == "planned", t.c.due_at <= clock.now()
-                                )
+                                select(t.c.touch_id)
+                                .where(t.c.status == "planned", t.c.due_at <= clock.now())
+                                .limit(1)
                             )
-                        if not left and not await outbox.pending():
+                            unsent = await conn.scalar(select(store.outbox.c.id).limit(1))
+                        if left is None and unsent is None:
                             break
                         await asyncio.sleep(0.2)
                 dispatch_cpu = time.process_time() - cpu
