@@ -89,7 +89,6 @@ from sqlalchemy import (
     select,
     text,
 )
-from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared.bus.base import Bus, Headers, OutMessage, PublishError
@@ -101,7 +100,6 @@ log = logging.getLogger(__name__)
 DEFAULT_TABLE = "outbox"
 MAX_BACKOFF_S = 5.0
 _DELETE_CHUNK = 500
-_LANE_ARRAY = ARRAY(SmallInteger)
 _CUSTOM_PLANS = text("SET LOCAL plan_cache_mode = force_custom_plan")
 # The lanes (of those asked) whose transaction lock this transaction got.
 _TRY_LOCK_LANES = text(
