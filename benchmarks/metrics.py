@@ -2,11 +2,17 @@
 process, catch-up behind the newest event, and `GET /v1/funnel` latency.
 
     python -m benchmarks.metrics [--participants 100000] [--funnel-participants 1000000]
-                                 [--batch 1000] [--calls 20] [--json PATH] [--profile PATH]
+                                 [--order send-time|participant] [--batch 1000] [--calls 20]
+                                 [--json PATH] [--profile PATH]
 
 Per participant: touch.planned for two waves (launch, day3), delivery.sent for each, an
 engagement "opened" for 30% of sends and "clicked" for 10%, and a purchase
-(activity.recorded) 1 hour after the launch send for 5% of participants. The events are
+(activity.recorded) 1 hour after the launch send for 5% of participants. Participant i sends
+at minute i mod 1440 of a day (and 3 days later). `--order send-time` (the default) publishes
+the participants in the order of their send minute, as topics fill when the sends happen, so
+the events a batch counts share a few minutes; `--order participant` publishes them by i, so
+that consecutive events fall in different minutes and nearly every event adds an aggregate
+row of its own (the worst case for `minute_counts`). The events are
 encoded and published to Kafka a batch (`--batch`) at a time before the metrics app starts,
 so the app works through a backlog and no producer shares its CPU: events/s (consume, decode
 and count) runs from the first event consumed until the funnel shows every count (the funnel
@@ -25,7 +31,7 @@ checks that model against the counted promotion's rows, channel aside, first), t
 funnel is timed on it.
 
 `--json PATH` also writes the figures as one flat JSON object:
-participants, events, encode_s, publish_events_per_s, all_counted (bool),
+participants, order, events, encode_s, publish_events_per_s, all_counted (bool),
 aggregate_events_per_s, aggregate_s, catch_up_s, startup_s, cpu_us_per_event (this process
 while it counts), gc_us_per_event (of which in the garbage collector), db_cpu_us_per_event
 (PostgreSQL's backends of the benchmark's database, read from /proc: same host only) (these
@@ -92,19 +98,35 @@ SEGMENTS = ("high", "mid", "low")
 MEASURES = ("planned", "sent", "opened", "clicked", "orders")
 
 
+ORDERS = ("send-time", "participant")
+
+
+def participant_order(participants: int, order: str) -> Iterator[int]:
+    """The participants in publishing order (see `--order`): by send minute (i mod 1440),
+    or by number."""
+    if order == "participant":
+        return iter(range(participants))
+    return (i for minute in range(1440) for i in range(minute, participants, 1440))
+
+
 def build(
-    participants: int, promotion: str, topic: Any, expected: dict[str, int], batch: int
+    participants: int,
+    promotion: str,
+    topic: Any,
+    expected: dict[str, int],
+    batch: int,
+    order: str = "send-time",
 ) -> Iterator[list[OutMessage]]:
     """Every participant's events, encoded, in lists of about `batch` (so that 1,000,000
-    participants, ~4.9 million events, never sit in memory at once); `expected` gathers the
-    funnel totals they add up to."""
+    participants, ~4.9 million events, never sit in memory at once), participants in `order`;
+    `expected` gathers the funnel totals they add up to."""
     out: list[OutMessage] = []
 
     def add(data: EventData, at: datetime) -> None:
         value = encode(data, source="bench/metrics", time=at)
         out.append(OutMessage(topic=topic(data.topic), key=data.partition_key(), value=value))
 
-    for i in range(participants):
+    for i in participant_order(participants, order):
         user = f"u-{i}"
         channel = CHANNELS[i % len(CHANNELS)]
         segment = SEGMENTS[(i // 7) % len(SEGMENTS)]
@@ -357,7 +379,9 @@ async def main_async(
     try:
         await producer.ensure_topics(all_topics(settings))
         # Encoded and published a batch at a time: memory stays that of one batch.
-        batches = build(args.participants, promotion, settings.topic, expected, args.batch)
+        batches = build(
+            args.participants, promotion, settings.topic, expected, args.batch, args.order
+        )
         while True:
             started = time.perf_counter()
             part = next(batches, None)
@@ -476,6 +500,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--participants", type=int, default=100_000)
+    parser.add_argument(
+        "--order",
+        choices=ORDERS,
+        default="send-time",
+        help="publish participants by send minute (as topics fill), or by number (worst case)",
+    )
     parser.add_argument("--batch", type=int, default=1000, help="messages per publish call")
     parser.add_argument("--calls", type=int, default=20, help="funnel calls per group_by")
     parser.add_argument("--poll", type=float, default=0.5, help="seconds between funnel polls")
@@ -507,6 +537,7 @@ def flat(args: argparse.Namespace, f: dict[str, Any], peak_mb: float) -> dict[st
     done = "aggregate_s" in f
     out: dict[str, Any] = {
         "participants": args.participants,
+        "order": args.order,
         "events": events,
         "encode_s": round(f["encode_s"], 3),
         "publish_events_per_s": round(events / f["publish_s"]),
@@ -535,7 +566,8 @@ def report(args: argparse.Namespace, f: dict[str, Any], peak_mb: float) -> None:
     events = f["events"]
     print(
         f"metrics: PostgreSQL + Kafka, one process, {args.participants:,} participants, "
-        f"{events:,} events (2 waves planned+sent, opens, clicks, purchases)"
+        f"{events:,} events (2 waves planned+sent, opens, clicks, purchases), "
+        f"published in {args.order} order"
     )
     print(f"  encoded   {f['encode_s']:>10.1f} s")
     print(f"  published {events / f['publish_s']:>10,.0f} events/s (batches of {args.batch})")
