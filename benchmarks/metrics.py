@@ -395,6 +395,12 @@ async def main_async(
     finally:
         await producer.stop()
 
+    # The models are worked out before the app starts: at 1,000,000 participants each takes
+    # about 10 s of CPU without a pause, which would starve the app's consumer of heartbeats
+    # (its group membership lapses after 10 s) if the app were running.
+    model = by_key(seed_rows(args.participants, promotion))
+    big = "p-bench-big"
+    big_rows = seed_rows(args.funnel_participants, big)
     app = create_app(settings)
     figures: dict[str, Any] = {
         "events": events,
@@ -466,10 +472,8 @@ async def main_async(
             figures["startup_s"] = first_consumed - app_started
 
         figures["latencies"] = await time_funnel(client, promotion, args.calls)
-        model = by_key(seed_rows(args.participants, promotion))
         figures["seed_model_matches"] = model == await counted_rows(url, promotion)
-        big = "p-bench-big"
-        figures["funnel_rows"] = await seed(url, seed_rows(args.funnel_participants, big))
+        figures["funnel_rows"] = await seed(url, big_rows)
         figures["big_latencies"] = await time_funnel(client, big, args.calls)
     return figures
 
