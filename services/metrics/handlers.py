@@ -161,12 +161,16 @@ def _add_counts_sql() -> tuple[TextClause, list[str]]:
 
 
 _ADD_ARRAYS = _add_counts_sql()
-_SEEN_ARRAYS = arrays_insert(store.seen_events, "ON CONFLICT DO NOTHING RETURNING event_id")
-# The same insert answering with one row: how many ids were new and, only when some were not,
+# The ids as one JSON array of strings, in its order, all with one time (see `apply`): a
+# fifth cheaper for PostgreSQL than a JSON object per id with its own time (4.9 against
+# 6.2 us per id, 20,000 ids per statement), and a third of the encoding in the process.
+# The statement answers with one row: how many ids were new and, only when some were not,
 # which. Nearly always all are, and then no id comes back to be read (about 1 us per event
 # in the process, as many rows as events sent back by the server).
 _SEEN_NEW = text(
-    f"WITH new AS ({_SEEN_ARRAYS[0].text})"
+    f"WITH new AS (INSERT INTO {store.seen_events.fullname} (event_id, seen_at)"
+    " SELECT e, CAST(:at AS timestamptz) FROM json_array_elements_text(CAST(:ids AS json)) AS e"
+    " ON CONFLICT DO NOTHING RETURNING event_id)"
     " SELECT count(*), CASE WHEN count(*) < :n THEN array_agg(event_id) END FROM new"
 )
 _SAVE_TOUCH_ARRAYS = arrays_insert(store.touches, _update_all(store.touches, ["touch_id"]))
@@ -884,32 +888,33 @@ async def lock_users(conn: AsyncConnection, users: set[str]) -> None:
     await conn.execute(_LOCK, {"keys": keys})
 
 
-async def record_seen(conn: AsyncConnection, seen: list[dict[str, Any]]) -> set[str]:
-    """Record these event ids (rows of seen_events, distinct ids); returns those not recorded
-    before."""
+async def record_seen(conn: AsyncConnection, ids: list[str], at: datetime) -> set[str]:
+    """Record these event ids (distinct, recorded in this order) as seen at `at`; returns
+    those not recorded before."""
     if conn.dialect.name != "postgresql":
-        return {r[0] for r in (await conn.execute(_SEEN, seen)).all()}
-    rows_json = orjson.dumps(seen, option=_JSON_ROWS).decode()
-    new, ids = (await conn.execute(_SEEN_NEW, {"rows": rows_json, "n": len(seen)})).one()
-    if new == len(seen):
-        return {r["event_id"] for r in seen}
-    return set(ids or ())
+        rows = [{"event_id": i, "seen_at": at} for i in ids]
+        return {r[0] for r in (await conn.execute(_SEEN, rows)).all()}
+    params = {"ids": orjson.dumps(ids).decode(), "at": at, "n": len(ids)}
+    new, found = (await conn.execute(_SEEN_NEW, params)).one()
+    if new == len(ids):
+        return set(ids)
+    return set(found or ())
 
 
 async def apply(conn: AsyncConnection, events: Sequence[Event[Any]], window: timedelta) -> int:
     """Count the events not seen before on `conn`; returns how many were new.
 
-    Each counted id is kept with its event's own time, and the ids of events older than the
-    retention are deleted (services/metrics/retention.py); `on_events` therefore leaves out
-    the events older than the retention, whose ids may have been deleted already, so that a
-    replay of old events never counts them twice."""
+    Each counted id is kept with the newest time of the events counted with it (at or after
+    its own), and the ids kept with a time older than the retention are deleted
+    (services/metrics/retention.py): an id stays at least as long as its event is within
+    the retention. `on_events` leaves out the events older than the retention, whose ids may
+    have been deleted already, so that a replay of old events never counts them twice."""
+    if not events:
+        return 0
     # In id order: two replicas recording overlapping ids (a redelivery after a rebalance)
     # wait for each other's rows in the same order, never in a deadlock.
-    times = {e.id: e.time for e in events}
-    if not times:
-        return 0
-    seen = [{"event_id": i, "seen_at": times[i]} for i in sorted(times)]
-    fresh = await record_seen(conn, seen)
+    ids = sorted({e.id for e in events})
+    fresh = await record_seen(conn, ids, max(e.time for e in events))
     await lock_users(conn, {e.data.user_id for e in events if e.id in fresh})
     batch = Batch(conn, window)
     new: list[Event[Any]] = []

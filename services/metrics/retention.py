@@ -3,7 +3,8 @@
 `seen_events` holds one row per counted event so that a redelivered or replayed event counts
 once. Kept forever, it would grow with every event ever counted; an id is only needed while
 the event can still come again, which is bounded by the topics' retention. Each id is kept
-with its event's time; the ids of events older than `seen_retention_days` are deleted every
+with a time at or after its event's (the newest of the events counted with it); the ids kept
+with a time older than `seen_retention_days` are deleted every
 `seen_prune_interval_s`, a chunk per transaction so that counting never waits long for the
 delete. Counting leaves out the events older than the retention (handlers.on_events): their
 ids may be gone, and a replay of them must not count them twice.

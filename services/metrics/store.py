@@ -14,9 +14,10 @@ SCHEMA = "metrics"
 metadata = MetaData(schema=SCHEMA)
 
 # Every counted event id, so that a redelivered or replayed event counts once; deleted once
-# the event is older than the retention (services/metrics/retention.py). seen_at, the event's
-# own time, grows nearly with insertion order, so a BRIN index (a few pages) finds the old
-# ones at almost no cost per insert.
+# seen_at is older than the retention (services/metrics/retention.py). seen_at, the newest
+# event time of the transaction that counted the id (at or after the event's own), grows
+# nearly with insertion order, so a BRIN index (a few pages) finds the old ones at almost no
+# cost per insert.
 seen_events = Table(
     "seen_events",
     metadata,
