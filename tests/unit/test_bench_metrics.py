@@ -24,23 +24,25 @@ def _stream(order: str) -> tuple[list[dict[str, Any]], dict[str, int]]:
     return [orjson.loads(m.value) for part in batches for m in part], expected
 
 
+def _ids(stream: list[dict[str, Any]]) -> set[str]:
+    return {e["data"].get("touch_id") or e["data"]["id"] for e in stream}
+
+
+def _launch_send_times(stream: list[dict[str, Any]]) -> list[str]:
+    return [
+        e["data"]["at"]
+        for e in stream
+        if e["type"].endswith("delivery.sent.v1") and e["data"]["wave"] == "launch"
+    ]
+
+
 def test_send_time_order_publishes_the_sends_by_minute_and_the_same_events() -> None:
     by_time, expected_by_time = _stream("send-time")
     by_number, expected_by_number = _stream("participant")
     assert expected_by_time == expected_by_number
     assert Counter(e["type"] for e in by_time) == Counter(e["type"] for e in by_number)
-    assert {e["data"].get("touch_id") or e["data"]["id"] for e in by_time} == {
-        e["data"].get("touch_id") or e["data"]["id"] for e in by_number
-    }
-    launch = [
-        e["data"]["at"]
-        for e in by_time
-        if e["type"].endswith("delivery.sent.v1") and e["data"]["wave"] == "launch"
-    ]
+    assert _ids(by_time) == _ids(by_number)
+    launch = _launch_send_times(by_time)
     assert launch == sorted(launch)
-    shuffled = [
-        e["data"]["at"]
-        for e in by_number
-        if e["type"].endswith("delivery.sent.v1") and e["data"]["wave"] == "launch"
-    ]
+    shuffled = _launch_send_times(by_number)
     assert shuffled != sorted(shuffled)
