@@ -85,7 +85,7 @@ from shared.events import (
 from shared.migrations import upgrade_async
 from shared.observability import ServiceMetrics
 from shared.outbox import Outbox
-from shared.service import ServiceContext, all_topics
+from shared.service import ServiceContext, all_topics, tune_gc
 from shared.settings import ClockKind, Settings
 
 DAY_START = datetime(2026, 3, 8, 0, 0, tzinfo=UTC)
@@ -233,8 +233,9 @@ async def bench(
         registry=default_registry(),
     )
     figures: dict[str, float] = {"participants": n}
-    # As a service does once started (shared/service.py): startup's objects out of the
-    # collector's sight.
+    # As the service does once started (services/scheduling/app.py, shared/service.py): its
+    # collector threshold, and startup's objects out of the collector's sight.
+    tune_gc(SchedulingSettings().gc_threshold)
     gc.freeze()
     day_end = DAY_START + timedelta(days=1)
     try:

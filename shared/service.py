@@ -70,6 +70,20 @@ def _skip_nothing(ctx: ServiceContext) -> Callable[[Message], bool] | None:
     return None
 
 
+def tune_gc(threshold0: int) -> None:
+    """Collect the youngest generation every `threshold0` allocations (never less often
+    than already set; 0 leaves it). For a service that keeps thousands of objects in flight
+    (tasks, rows, messages, a batch's events): they survive each young collection, so
+    Python's default of 700 re-scans them over and over. Garbage cycles are still
+    collected, later. Figures: delivery's `gc_threshold`, scheduling's `gc_threshold`.
+    """
+    if threshold0 <= 0:
+        return
+    current = gc.get_threshold()
+    if current[0] < threshold0:
+        gc.set_threshold(threshold0, *current[1:])
+
+
 @dataclass(frozen=True)
 class ServiceSpec:
     name: str

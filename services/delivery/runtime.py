@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -14,6 +13,7 @@ from services.delivery.config import DeliveryConfig
 from services.delivery.domain import ChannelTerms
 from services.delivery.providers.client import ProviderClient
 from services.delivery.providers.resilience import CircuitBreaker, CircuitState, Limiter
+from shared.service import tune_gc
 
 _CIRCUIT_VALUE = {CircuitState.CLOSED: 0.0, CircuitState.HALF_OPEN: 1.0, CircuitState.OPEN: 2.0}
 
@@ -65,22 +65,6 @@ def metrics_for(registry: CollectorRegistry) -> DeliveryMetrics:
     if found is None:
         found = _metrics[registry] = DeliveryMetrics(registry)
     return found
-
-
-def tune_gc(threshold0: int) -> None:
-    """Collect the youngest generation every `threshold0` allocations (never less often
-    than already set; 0 leaves it).
-
-    Measured on the 20 ms benchmark (PostgreSQL, 10,000 touches): 350-356 us of CPU per
-    touch with Python's default of 700, 218-253 us with 100,000. Thousands of calls in
-    flight (tasks, futures, rows, messages) survive each young collection, so the
-    default re-scans them over and over; garbage cycles are still collected, later.
-    """
-    if threshold0 <= 0:
-        return
-    current = gc.get_threshold()
-    if current[0] < threshold0:
-        gc.set_threshold(threshold0, *current[1:])
 
 
 def _circuit_value(circuit: CircuitBreaker) -> Callable[[], float]:

@@ -19,7 +19,7 @@ from shared.events import (
     UserErased,
     UserUpdated,
 )
-from shared.service import ServiceContext, ServiceSpec, Worker
+from shared.service import ServiceContext, ServiceSpec, Worker, tune_gc
 
 
 def event_handlers(ctx: ServiceContext) -> Mapping[type[EventData], EventHandler]:
@@ -47,6 +47,7 @@ def make_spec(config: SchedulingSettings | None = None) -> ServiceSpec:
 
     def workers(ctx: ServiceContext) -> Sequence[Worker]:
         settings = config or SchedulingSettings()
+        tune_gc(settings.gc_threshold)
         return [
             functools.partial(dispatcher.run, ctx, settings) for _ in range(settings.dispatchers)
         ]
