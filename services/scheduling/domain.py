@@ -365,6 +365,10 @@ def plan_member_rows(policy: Policy, member: Member) -> list[PlannedRow]:
     waves = _wave_plans(policy, member.ltv_tier)
     experiment = _experiment(policy)
     user_id, promotion_id, ended_at = member.user_id, member.promotion_id, member.ended_at
+    if ended_at.tzinfo is not UTC:
+        # Every time planned is in datetime.UTC (a decoded "Z" carries pydantic's own zone
+        # object): the encoders keep those of a promotion's end, which its participants share.
+        ended_at = ended_at.astimezone(UTC)
     silent, abuse, layer = member.silent, member.abuse_review, member.value_layer
     # unit(kind, user, promotion[, wave]) hashes "kind\x1fuser\x1fpromotion[\x1fwave]";
     # touch_id "promotion\x1fuser\x1fwave".

@@ -29,7 +29,7 @@ def members(count: int) -> list[AudienceMemberResolved]:
     for i in range(count):
         ended = datetime(2026, 3, 1, tzinfo=UTC) + timedelta(seconds=rng.randrange(300 * 86400))
         if i % 3 == 0:
-            # An end stated in another offset: the events keep it as it came.
+            # An end stated in another offset: its times are planned in UTC all the same.
             ended = ended.astimezone(timezone(timedelta(hours=1)))
         out.append(
             AudienceMemberResolved(
@@ -81,6 +81,7 @@ def test_each_touch_is_what_the_single_rules_say() -> None:
                 POLICY, member.user_id, member.promotion_id, touch.wave
             )
             assert touch.due_at == domain.wave_due(member, waves[touch.wave], tz)
+            assert touch.due_at.tzinfo is UTC and touch.deadline.tzinfo is UTC
             assert touch.due_at <= touch.deadline
             if held or domain.in_wave_holdout(
                 POLICY, member.user_id, member.promotion_id, touch.wave
@@ -135,3 +136,27 @@ def test_events_are_those_fast_encoder_writes() -> None:
     for got, want in zip(built.rows, expected.rows, strict=True):
         assert got[:3] == want[:3] and got[4] == want[4]
         assert orjson.loads(got[3]) == orjson.loads(want[3])
+
+
+def test_a_decoded_end_plans_its_times_in_utc() -> None:
+    """An end decoded from JSON ("Z" or another offset) gives the same instants, written in
+    UTC: what a promotion's participants share, whatever zone object the decoder made."""
+    ctx: Any = SimpleNamespace(
+        topic=lambda name: f"t.{name}", outbox=SimpleNamespace(source="afterglow/x", lanes=8)
+    )
+    for ended in ("2026-03-02T21:15:00Z", "2026-03-03T02:45:00+05:30"):
+        member = AudienceMemberResolved.model_validate_json(
+            orjson.dumps(
+                {"user_id": "u-1", "promotion_id": "p-1", "ended_at": ended, "timezone": "UTC"}
+            )
+        )
+        assert member.ended_at.tzinfo is not UTC
+        encoder = FastEncoder(ctx, NOW)
+        _plan_one(member, POLICY, NOW, [], encoder)
+        events = [orjson.loads(row[3]) for row in encoder.rows]
+        planned = [e["data"] for e in events if e["type"] == TouchPlanned.event_type()]
+        assert len(planned) == len(POLICY.waves)
+        launch = next(d for d in planned if d["wave"] == "launch")
+        assert launch["due_at"] == "2026-03-02T21:15:00+00:00"
+        for data in planned:
+            assert data["due_at"].endswith("+00:00") and data["deadline"].endswith("+00:00")
