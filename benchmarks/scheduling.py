@@ -1,6 +1,7 @@
 """Scheduling throughput on PostgreSQL and Kafka: plan N participants x 5 waves, relay the
-touch.planned events, then dispatch a day of due touches (the launch wave of promotions that
-ended across one day) on a clock that plays the day at `--rate` due touches per second.
+touch.planned events, then dispatch a day of due touches (the launch wave of 1,440 promotions,
+one ending each minute of one day) on a clock that plays the day at `--rate` due touches per
+second.
 
     python -m benchmarks.scheduling [--participants 1000000] [--rate 12000] [--batch 1000]
                                     [--plan-only] [--json PATH]
@@ -89,6 +90,7 @@ from shared.service import ServiceContext, all_topics, tune_gc
 from shared.settings import ClockKind, Settings
 
 DAY_START = datetime(2026, 3, 8, 0, 0, tzinfo=UTC)
+MINUTES_A_DAY = 1440
 CONSENT = {"sms": True, "email": True, "push": True}
 CHUNK = 500
 
@@ -131,10 +133,13 @@ def zone_for(hour: int) -> str:
 def members(first: int, count: int, total: int) -> list[Event[Any]]:
     out = []
     for i in range(first, first + count):
-        ended = DAY_START + timedelta(seconds=86400 * i / total)
+        # A promotion ends every minute of the day, each with its share of the audience:
+        # due touches arrive all day long, and a promotion's participants share its end.
+        minute = MINUTES_A_DAY * i // total
+        ended = DAY_START + timedelta(minutes=minute)
         data = AudienceMemberResolved(
             user_id=f"u-{i:08d}",
-            promotion_id=f"bench-{i % 24:02d}",
+            promotion_id=f"bench-{minute:04d}",
             ended_at=ended,
             timezone=zone_for(ended.hour),
             consent=CONSENT,
