@@ -305,14 +305,19 @@ class _CopyBuffers:
 
 
 async def on_audience_members(ctx: ServiceContext, events: list[Event[Any]]) -> None:
-    """Plan every participant in the batch: one timer row per touch, one transaction, COPY."""
+    """Plan every participant in the batch: one timer row per touch, written with its events
+    in one transaction (COPY on PostgreSQL)."""
     members: list[AudienceMemberResolved] = [e.data for e in events]
     now = ctx.clock.now()
     touch_rows: list[tuple[Any, ...]] = []
     encoder = FastEncoder(ctx, now)
+    # In a transaction of its own: a promotion first seen here is recorded and committed at
+    # once, so that the batches of its other partitions, which insert it too, wait for this
+    # short transaction and not for the whole batch's.
+    async with ctx.db.begin() as conn:
+        promotions = await _promotions_for(ctx, conn, members, now)
     async with ctx.db.begin() as conn:
         copy = _CopyBuffers(now, encoder) if conn.dialect.name == "postgresql" else None
-        promotions = await _promotions_for(ctx, conn, members, now)
         fresh = await _claim_members(conn, members)
         if not fresh:
             return
