@@ -4,10 +4,10 @@
 once. Kept forever, it would grow with every event ever counted; an id is only needed while
 the event can still come again, which is bounded by the topics' retention. Each id is kept
 with a time at or after its event's (the newest of the events counted with it); the ids kept
-with a time older than `seen_retention_days` are deleted every
-`seen_prune_interval_s`, a chunk per transaction so that counting never waits long for the
-delete. Counting leaves out the events older than the retention (handlers.on_events): their
-ids may be gone, and a replay of them must not count them twice.
+with a time older than `seen_retention_days` are deleted every `seen_prune_interval_s`, a
+chunk per transaction so that counting never waits long for the delete. Counting leaves out
+the events older than the retention (handlers.on_events): their ids may be gone, and a
+replay of them must not count them twice.
 """
 
 from __future__ import annotations
