@@ -122,9 +122,10 @@ _CONTACTS_PG = (
     "SELECT user_id, at FROM scheduling.contacts"
     " WHERE user_id = ANY($1::text[]) AND at > $2 AND status <> 'released'"
 )
+# A touch is found by its user and id (PostgreSQL has no index on the id alone).
 _SENT = (
     update(_t)
-    .where(_t.c.touch_id == bindparam("b_id"))
+    .where(_t.c.user_id == bindparam("b_user"), _t.c.touch_id == bindparam("b_id"))
     .values(
         status="dispatched",
         channel=bindparam("b_channel"),
@@ -134,12 +135,12 @@ _SENT = (
 )
 _SUPPRESSED = (
     update(_t)
-    .where(_t.c.touch_id == bindparam("b_id"))
+    .where(_t.c.user_id == bindparam("b_user"), _t.c.touch_id == bindparam("b_id"))
     .values(status="suppressed", reason=bindparam("b_reason"), updated_at=bindparam("b_now"))
 )
 _DEFERRED = (
     update(_t)
-    .where(_t.c.touch_id == bindparam("b_id"))
+    .where(_t.c.user_id == bindparam("b_user"), _t.c.touch_id == bindparam("b_id"))
     .values(
         due_at=bindparam("b_due"),
         reason=bindparam("b_reason"),
@@ -360,10 +361,13 @@ _DECIDED_PG = text(
     " deferrals = t.deferrals + CASE WHEN v.due IS NULL THEN 0 ELSE 1 END,"
     " deferred_s = t.deferred_s + COALESCE(v.delay, 0),"
     " updated_at = :now"
-    " FROM unnest(CAST(:ids AS text[]), CAST(:statuses AS text[]), CAST(:channels AS text[]),"
-    " CAST(:reasons AS text[]), CAST(:dues AS timestamptz[]), CAST(:delays AS float8[]))"
-    " AS v(touch_id, status, channel, reason, due, delay)"
-    " WHERE t.touch_id = v.touch_id"
+    " FROM unnest(CAST(:ids AS text[]), CAST(:users AS text[]), CAST(:was AS timestamptz[]),"
+    " CAST(:statuses AS text[]), CAST(:channels AS text[]), CAST(:reasons AS text[]),"
+    " CAST(:dues AS timestamptz[]), CAST(:delays AS float8[]))"
+    " AS v(touch_id, user_id, was, status, channel, reason, due, delay)"
+    # (user_id, due_at) is the index; the row is locked since its claim, so its due time is
+    # the one read then.
+    " WHERE t.user_id = v.user_id AND t.due_at = v.was AND t.touch_id = v.touch_id"
 )
 
 
@@ -383,8 +387,11 @@ class _Outcome:
     def __init__(self, encoder: FastEncoder) -> None:
         self.encoder = encoder
         self.now = encoder.now
-        # (touch_id, status, channel, reason, deferred until, delay in seconds)
-        self.decided: list[tuple[str, str, str | None, str | None, datetime | None, float]] = []
+        # (touch_id, user_id, due time as claimed, status, channel, reason, deferred until,
+        #  delay in seconds)
+        self.decided: list[
+            tuple[str, str, datetime, str, str | None, str | None, datetime | None, float]
+        ] = []
         self.contacts: list[tuple[Any, ...]] = []
         self.fatigue: list[dict[str, Any]] = []
         self.history: list[dict[str, Any]] = []
@@ -396,11 +403,13 @@ class _Outcome:
                 _DECIDED_PG,
                 {
                     "ids": list(columns[0]),
-                    "statuses": list(columns[1]),
-                    "channels": list(columns[2]),
-                    "reasons": list(columns[3]),
-                    "dues": list(columns[4]),
-                    "delays": list(columns[5]),
+                    "users": list(columns[1]),
+                    "was": list(columns[2]),
+                    "statuses": list(columns[3]),
+                    "channels": list(columns[4]),
+                    "reasons": list(columns[5]),
+                    "dues": list(columns[6]),
+                    "delays": list(columns[7]),
                     "now": self.now,
                 },
             )
@@ -432,15 +441,20 @@ class _Outcome:
     async def _write_each(self, conn: AsyncConnection) -> None:
         now = self.now
         sent, suppressed, deferred = [], [], []
-        for touch_id, status, channel, reason, until, delay in self.decided:
+        for touch_id, user_id, _, status, channel, reason, until, delay in self.decided:
             if status == "dispatched":
-                sent.append({"b_id": touch_id, "b_channel": channel, "b_now": now})
+                sent.append(
+                    {"b_id": touch_id, "b_user": user_id, "b_channel": channel, "b_now": now}
+                )
             elif status == "suppressed":
-                suppressed.append({"b_id": touch_id, "b_reason": reason, "b_now": now})
+                suppressed.append(
+                    {"b_id": touch_id, "b_user": user_id, "b_reason": reason, "b_now": now}
+                )
             else:
                 deferred.append(
                     {
                         "b_id": touch_id,
+                        "b_user": user_id,
                         "b_due": until,
                         "b_reason": reason,
                         "b_delay": delay,
@@ -486,7 +500,9 @@ def _decide(
         if type(decision) is domain.Send:
             promotion = promotions[touch.promotion_id]
             channels = list(decision.channels)
-            out.decided.append((touch_id, "dispatched", channels[0], None, None, 0.0))
+            out.decided.append(
+                (touch_id, user_id, row[_DUE], "dispatched", channels[0], None, None, 0.0)
+            )
             out.contacts.append(
                 (touch_id, user_id, now, touch.promotion_id, touch.wave, "reserved")
             )
@@ -498,10 +514,23 @@ def _decide(
             )
         elif type(decision) is domain.Defer:
             delay = (decision.until - row[_DUE]).total_seconds()
-            out.decided.append((touch_id, "planned", None, decision.reason, decision.until, delay))
+            out.decided.append(
+                (
+                    touch_id,
+                    user_id,
+                    row[_DUE],
+                    "planned",
+                    None,
+                    decision.reason,
+                    decision.until,
+                    delay,
+                )
+            )
         else:
             assert isinstance(decision, domain.Suppress)
-            out.decided.append((touch_id, "suppressed", None, decision.reason, None, 0.0))
+            out.decided.append(
+                (touch_id, user_id, row[_DUE], "suppressed", None, decision.reason, None, 0.0)
+            )
             encoder.add(
                 SUPPRESSED_TYPE,
                 user_id,

@@ -249,9 +249,14 @@ async def _close_pending(
 ) -> None:
     """End planned touches for good and say so on `touches`, in the caller's transaction."""
     t = store.touches
+    # By user, then id: (user_id, due_at) is the index, and touch ids are unique.
     await conn.execute(
         update(t)
-        .where(t.c.touch_id.in_([r.touch_id for r in rows]), t.c.status == "planned")
+        .where(
+            t.c.user_id.in_(sorted({r.user_id for r in rows})),
+            t.c.touch_id.in_([r.touch_id for r in rows]),
+            t.c.status == "planned",
+        )
         .values(status=status, reason=reason, updated_at=now)
     )
     await ctx.outbox.add(
@@ -321,6 +326,8 @@ async def _policy_of_promotion(
 
 _SETTLE_TOUCH = (
     update(store.touches)
+    # By user, then id: (user_id, due_at) is the index.
+    .where(store.touches.c.user_id == bindparam("b_user_id"))
     .where(store.touches.c.touch_id == bindparam("b_touch_id"))
     # Not IN (...): an expanding parameter cannot be used with executemany.
     .where(or_(store.touches.c.status == "planned", store.touches.c.status == "dispatched"))
@@ -351,6 +358,7 @@ async def on_delivery_outcomes(ctx: ServiceContext, events: Sequence[Event[Any]]
             outcome.touch_id,
             {
                 "b_touch_id": outcome.touch_id,
+                "b_user_id": outcome.user_id,
                 "b_status": "sent" if sent else "failed",
                 "b_reason": str(outcome.reason)[:32]
                 if isinstance(outcome, DeliveryFailed)

@@ -48,9 +48,10 @@ policies = Table(
 )
 
 # The durable timers: status planned -> dispatched -> sent | failed, or suppressed / cancelled.
-# On PostgreSQL the touch id has a hash index, not a primary key (migration 0003): it is unique
-# by construction and planning claims each participant once (`plan_members`); lookups by id are
-# equalities, and a unique B-tree on a random id cost more than the row itself to plan.
+# On PostgreSQL the touch id has no index of its own (migrations 0003 and 0005): it is unique
+# by construction and planning claims each participant once (`plan_members`); every lookup by
+# id also names the user, and goes through (user_id, due_at). An index on a random id cost
+# more than the row itself to plan. SQLite keeps a primary key on it.
 touches = Table(
     "touches",
     metadata,
@@ -75,7 +76,6 @@ touches = Table(
     Column("deferrals", Integer, nullable=False, server_default=text("0")),
     Column("deferred_s", Float, nullable=False, server_default=text("0")),
     Column("dispatched_at", UtcDateTime(), nullable=True),
-    Index("ix_touches_id", "touch_id", postgresql_using="hash"),
     Index("ix_touches_user", "user_id", "due_at"),
     Index("ix_touches_promotion", "promotion_id", "status"),
     Index(
