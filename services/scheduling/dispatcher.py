@@ -26,8 +26,7 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import String, Text, and_, bindparam, cast, func, literal, select, text, update
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy import Text, and_, bindparam, cast, func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.scheduling import domain, store
@@ -36,6 +35,7 @@ from services.scheduling.policy import Policy
 from services.scheduling.state import (
     OUTBOX_COLUMNS,
     FastEncoder,
+    among,
     bulk_insert,
     fatigue_of,
     fatigue_values,
@@ -249,17 +249,10 @@ async def _load(conn: AsyncConnection, batch: int, now: datetime) -> _Loaded | N
     await lock_users(conn, user_ids)
     claimed = {r[_ID] for r in rows}
     more = select(*_CLAIM_COLUMNS).where(
-        _among(conn, _t.c.user_id, user_ids), _t.c.status == "planned", _t.c.due_at <= now
+        among(conn, _t.c.user_id, user_ids), _t.c.status == "planned", _t.c.due_at <= now
     )
     rows += [r for r in (await conn.execute(more)).all() if r[_ID] not in claimed]
     return rows, await _users(conn, user_ids, now)
-
-
-def _among(conn: AsyncConnection, column: Any, values: list[str]) -> Any:
-    """`column IN values`; on PostgreSQL `= ANY(array)`: one cached statement for any size."""
-    if conn.dialect.name == "postgresql":
-        return column == func.any(literal(values, ARRAY(String)))
-    return column.in_(values)
 
 
 class _Promotion:
@@ -329,7 +322,7 @@ async def _users(
     views = {uid: domain.UserView() for uid in user_ids}
     # Consent as text, decoded with orjson: the JSON type's decoder is the slow stdlib one.
     query = select(*_USER_COLUMNS, cast(u.c.consent, Text).label("consent")).where(
-        _among(conn, u.c.user_id, user_ids)
+        among(conn, u.c.user_id, user_ids)
     )
     for r in (await conn.execute(query)).all():
         view = views[r.user_id]
@@ -340,7 +333,7 @@ async def _users(
         view.first_seen = r.first_seen_at
     contacts = await conn.execute(
         select(c.c.user_id, c.c.at).where(
-            _among(conn, c.c.user_id, user_ids),
+            among(conn, c.c.user_id, user_ids),
             c.c.at > now - domain.MONTH,
             c.c.status != "released",
         )

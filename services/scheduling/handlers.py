@@ -15,6 +15,7 @@ from services.scheduling.policy import Policy
 from services.scheduling.state import (
     DEFAULT_POLICY,
     UnknownPolicy,
+    among,
     current_policy,
     fatigue_values,
     history_row,
@@ -151,23 +152,41 @@ async def cancel_promotion(ctx: ServiceContext, promotion_id: str) -> int | None
             await ctx.outbox.add(
                 conn, [PromotionCancelled(promotion_id=promotion_id, cancelled_at=now)], now=now
             )
-    cancelled = 0
+    # The promotion's touches are its participants' (`plan_members`): CANCEL_CHUNK of them a
+    # transaction, in user order, each user's planned touches of this promotion.
+    pm = store.plan_members
+    cancelled, after = 0, ""
     while True:
         async with ctx.db.begin() as conn:
-            query = (
-                select(t.c.touch_id, t.c.user_id, t.c.promotion_id, t.c.wave, t.c.variant)
-                .where(t.c.promotion_id == promotion_id, t.c.status == "planned")
-                .limit(CANCEL_CHUNK)
+            users = list(
+                (
+                    await conn.execute(
+                        select(pm.c.user_id)
+                        .where(pm.c.promotion_id == promotion_id, pm.c.user_id > after)
+                        .order_by(pm.c.user_id)
+                        .limit(CANCEL_CHUNK)
+                    )
+                ).scalars()
+            )
+            if not users:
+                break
+            after = users[-1]
+            query = select(
+                t.c.touch_id, t.c.user_id, t.c.promotion_id, t.c.wave, t.c.variant
+            ).where(
+                among(conn, t.c.user_id, users),
+                t.c.promotion_id == promotion_id,
+                t.c.status == "planned",
             )
             if conn.dialect.name == "postgresql":
                 query = query.with_for_update()
             rows = (await conn.execute(query)).all()
-            if not rows:
-                break
-            await _close_pending(ctx, conn, rows, status="cancelled", reason="cancelled", now=now)
-            cancelled += len(rows)
+            if rows:
+                await _close_pending(
+                    ctx, conn, rows, status="cancelled", reason="cancelled", now=now
+                )
+                cancelled += len(rows)
         ctx.outbox.notify()
-    ctx.outbox.notify()
     return cancelled
 
 
@@ -253,8 +272,8 @@ async def _close_pending(
     await conn.execute(
         update(t)
         .where(
-            t.c.user_id.in_(sorted({r.user_id for r in rows})),
-            t.c.touch_id.in_([r.touch_id for r in rows]),
+            among(conn, t.c.user_id, sorted({r.user_id for r in rows})),
+            among(conn, t.c.touch_id, [r.touch_id for r in rows]),
             t.c.status == "planned",
         )
         .values(status=status, reason=reason, updated_at=now)

@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import BigInteger, Table, bindparam, desc, select, text
+from sqlalchemy import BigInteger, String, Table, bindparam, desc, func, literal, select, text
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -167,6 +167,13 @@ class FastEncoder:
 def user_lock_key(user_id: str) -> int:
     digest = hashlib.blake2b(f"afterglow-scheduling-user:{user_id}".encode(), digest_size=8)
     return int.from_bytes(digest.digest(), "big", signed=True)
+
+
+def among(conn: AsyncConnection, column: Any, values: list[str]) -> Any:
+    """`column IN values`; on PostgreSQL `= ANY(array)`: one cached statement for any size."""
+    if conn.dialect.name == "postgresql":
+        return column == func.any(literal(values, ARRAY(String)))
+    return column.in_(values)
 
 
 async def lock_users(conn: AsyncConnection, user_ids: Iterable[str]) -> None:

@@ -51,7 +51,8 @@ policies = Table(
 # On PostgreSQL the touch id has no index of its own (migrations 0003 and 0005): it is unique
 # by construction and planning claims each participant once (`plan_members`); every lookup by
 # id also names the user, and goes through (user_id, due_at). An index on a random id cost
-# more than the row itself to plan. SQLite keeps a primary key on it.
+# more than the row itself to plan. SQLite keeps a primary key on it. A promotion's touches
+# are found through its participants in `plan_members` (no index by promotion to write).
 touches = Table(
     "touches",
     metadata,
@@ -77,7 +78,6 @@ touches = Table(
     Column("deferred_s", Float, nullable=False, server_default=text("0")),
     Column("dispatched_at", UtcDateTime(), nullable=True),
     Index("ix_touches_user", "user_id", "due_at"),
-    Index("ix_touches_promotion", "promotion_id", "status"),
     Index(
         "ix_touches_due",
         "due_at",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import desc, func, select
+from sqlalchemy import and_, desc, func, select
 
 from services.scheduling import store
 from services.scheduling.state import load_fatigue
@@ -14,7 +14,7 @@ WAVE_ORDER = {"launch": 0, "day3": 1, "day7": 2, "day14": 3, "day30": 4}
 
 
 async def plan_summary(ctx: ServiceContext, promotion_id: str) -> dict[str, Any] | None:
-    t, p = store.touches, store.promotions
+    t, p, pm = store.touches, store.promotions, store.plan_members
     async with ctx.db.connect() as conn:
         promotion = (
             await conn.execute(select(p).where(p.c.promotion_id == promotion_id))
@@ -32,7 +32,13 @@ async def plan_summary(ctx: ServiceContext, promotion_id: str) -> dict[str, Any]
                     func.coalesce(func.sum(t.c.deferred_s), 0.0),
                     func.coalesce(func.max(t.c.deferred_s), 0.0),
                 )
-                .where(t.c.promotion_id == promotion_id)
+                # Through its participants: touches are indexed by user, not by promotion.
+                .select_from(
+                    pm.join(
+                        t, and_(t.c.user_id == pm.c.user_id, t.c.promotion_id == pm.c.promotion_id)
+                    )
+                )
+                .where(pm.c.promotion_id == promotion_id)
                 .group_by(t.c.wave, t.c.status, t.c.reason)
             )
         ).all()

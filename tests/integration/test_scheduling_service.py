@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from services.scheduling import domain
+from services.scheduling import domain, handlers
 from services.scheduling.policy import default_policy
 from shared.events import (
     AudienceMemberResolved,
@@ -286,6 +286,42 @@ async def test_cancel_stops_what_is_pending(service: Harness) -> None:
     assert [w["cancelled"] for w in plan["waves"]] == [0, 3, 3, 3, 3]
     late = await service.client.post("/v1/promotions/p-404/cancel")
     assert late.status_code == 404
+
+
+async def test_cancel_walks_the_participants_a_chunk_at_a_time(
+    service: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two participants a transaction: the walk over plan_members must resume after the last
+    # user of each chunk, and leave the same users' touches of another promotion alone.
+    monkeypatch.setattr(handlers, "CANCEL_CHUNK", 2)
+    await put_policy(service, "plain")
+    await end(service, "p-1", "plain")
+    await end(service, "p-2", "plain")
+    users = [f"u-{i}" for i in range(5)]
+    await plan_users(service, *(member(u) for u in users), *(member(u, "p-2") for u in users))
+    await service.settle()
+    assert len(service.emitted(TouchDue)) == 10
+    response = await service.client.post("/v1/promotions/p-1/cancel")
+    assert response.status_code == 202 and response.json()["cancelled_touches"] == 20
+
+    def cancelled_events() -> list[Any]:
+        return [e.data for e in service.emitted(TouchSuppressed) if e.data.reason == "cancelled"]
+
+    async def all_told() -> bool:
+        return len(cancelled_events()) >= 20
+
+    await service.wait_for(all_told)
+    cancelled = cancelled_events()
+    assert sorted((e.user_id, e.wave) for e in cancelled) == sorted(
+        (u, w) for u in users for w in ("day3", "day7", "day14", "day30")
+    )
+    assert {e.promotion_id for e in cancelled} == {"p-1"}
+    plans = {
+        p: (await service.client.get(f"/v1/promotions/{p}/plan")).json() for p in ("p-1", "p-2")
+    }
+    assert [w["cancelled"] for w in plans["p-1"]["waves"]] == [0, 5, 5, 5, 5]
+    assert [w["pending"] for w in plans["p-2"]["waves"]] == [0, 5, 5, 5, 5]
+    assert [w["planned"] for w in plans["p-2"]["waves"]] == [5, 5, 5, 5, 5]
 
 
 async def test_consent_erasure_and_complaints_stop_touches(service: Harness) -> None:
