@@ -203,18 +203,12 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
         await delete_topics(bootstrap, prefix)
 
 
-async def bench(
-    args: argparse.Namespace, url: str, bootstrap: str, prefix: str
-) -> dict[str, float]:
-    n = args.participants
+def service_context(url: str, bootstrap: str, prefix: str) -> ServiceContext:
+    """The scheduling service's context on the benchmark's database, topics and clock (its
+    database, bus and outbox not started yet)."""
     settings = Settings(database_url=url, kafka_bootstrap_servers=bootstrap, topic_prefix=prefix)
-    await upgrade_async(url, "scheduling")
     db = Database(url, "scheduling", pool_size=10)
-    await db.start()
-    metrics = ServiceMetrics("scheduling-bench")
     bus = KafkaBus(bootstrap, client_id="bench-scheduling", partitions=8, linger_ms=5)
-    await bus.start()
-    await bus.ensure_topics(all_topics(settings))
     outbox = Outbox(
         db,
         store.outbox,
@@ -225,39 +219,142 @@ async def bench(
         batch=2000,
         poll_s=0.05,
     )
-    rate = float(args.rate)
-    clock = FastClock(DAY_START, 1.0)
-    ctx = ServiceContext(
+    return ServiceContext(
         name="scheduling",
         settings=settings,
         db=db,
         bus=bus,
-        clock=clock,  # type: ignore[arg-type]
+        clock=FastClock(DAY_START, 1.0),
         outbox=outbox,
-        metrics=metrics,
+        metrics=ServiceMetrics("scheduling-bench"),
         registry=default_registry(),
     )
-    figures: dict[str, float] = {"participants": n}
-    # As the service does once started (services/scheduling/app.py, shared/service.py): its
-    # collector threshold, and startup's objects out of the collector's sight.
+
+
+def as_started_service() -> None:
+    """As the service does once started (services/scheduling/app.py, shared/service.py): its
+    collector threshold, and startup's objects out of the collector's sight."""
     tune_gc(SchedulingSettings().gc_threshold)
     gc.freeze()
+
+
+async def plan_share(
+    ctx: ServiceContext, n: int, partitions: int, replica: int, replicas: int
+) -> None:
+    """Plan this replica's share of the audience: batches of CHUNK participants, every
+    `replicas`-th one from the `replica`-th, as a consumer of its share of the partitions
+    would receive them; `partitions` batches at a time, each in its own task, as the Kafka
+    consumer runs each partition's batches."""
+    starts = iter(range(replica * CHUNK, n, replicas * CHUNK))
+
+    async def plan_partition() -> None:
+        for first in starts:
+            await planning.on_audience_members(ctx, members(first, min(CHUNK, n - first), n))
+
+    await asyncio.gather(*(plan_partition() for _ in range(partitions)))
+
+
+# -- planning replicas ---------------------------------------------------------------
+# With --replicas R > 1, planning runs in R processes of this module (`--replica I`), as the
+# service scaled to R replicas: each plans its share of the audience on its own connections.
+# They start, connect and say "ready"; on "go" they plan, print their CPU seconds as JSON and
+# keep their connections until told to end, so that their backends' CPU can still be read.
+
+
+async def plan_in_replicas(
+    args: argparse.Namespace, url: str, bootstrap: str, prefix: str
+) -> tuple[float, float, float]:
+    """Planning in `args.replicas` processes: wall seconds, their CPU seconds, PostgreSQL's."""
+    command = [sys.executable, "-m", "benchmarks.scheduling", "--url", url, "--prefix", prefix]
+    command += ["--bootstrap", bootstrap, "--participants", str(args.participants)]
+    command += ["--partitions", str(args.partitions), "--replicas", str(args.replicas)]
+    processes = [
+        await asyncio.create_subprocess_exec(
+            *command,
+            "--replica",
+            str(i),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        for i in range(args.replicas)
+    ]
+    try:
+        for process in processes:
+            assert process.stdout is not None
+            line = await asyncio.wait_for(process.stdout.readline(), timeout=120)
+            if line.strip() != b"ready":
+                raise SystemExit(f"a planning replica did not start: {line!r}")
+        db_cpu = backend_cpu_s(await backend_pids(url))
+        started = time.perf_counter()
+        for process in processes:
+            assert process.stdin is not None
+            process.stdin.write(b"go\n")
+            await process.stdin.drain()
+        cpu = 0.0
+        for process in processes:
+            assert process.stdout is not None
+            line = await process.stdout.readline()
+            if not line.startswith(b"{"):
+                raise SystemExit(f"a planning replica failed: {line!r}")
+            cpu += float(orjson.loads(line)["cpu_s"])
+        plan_s = time.perf_counter() - started
+        plan_db_cpu = await db_cpu_since(url, db_cpu)
+    finally:
+        for process in processes:
+            if process.stdin is not None and not process.stdin.is_closing():
+                process.stdin.close()
+        for process in processes:
+            try:
+                await asyncio.wait_for(process.wait(), timeout=60)
+            except TimeoutError:
+                process.kill()
+    return plan_s, cpu, plan_db_cpu
+
+
+async def replica(args: argparse.Namespace) -> None:
+    """One planning replica (see plan_in_replicas)."""
+    ctx = service_context(args.url, args.bootstrap, args.prefix)
+    await ctx.db.start()
+    loop = asyncio.get_running_loop()
+    try:
+        as_started_service()
+        print("ready", flush=True)
+        if (await loop.run_in_executor(None, sys.stdin.readline)).strip() != "go":
+            return
+        cpu = time.process_time()
+        await plan_share(ctx, args.participants, args.partitions, args.replica, args.replicas)
+        print(orjson.dumps({"cpu_s": time.process_time() - cpu}).decode(), flush=True)
+        await loop.run_in_executor(None, sys.stdin.readline)
+    finally:
+        await ctx.db.stop()
+
+
+async def bench(
+    args: argparse.Namespace, url: str, bootstrap: str, prefix: str
+) -> dict[str, float]:
+    n = args.participants
+    await upgrade_async(url, "scheduling")
+    ctx = service_context(url, bootstrap, prefix)
+    settings, db, bus, outbox = ctx.settings, ctx.db, ctx.bus, ctx.outbox
+    clock: FastClock = ctx.clock  # type: ignore[assignment]
+    await db.start()
+    await bus.start()
+    await bus.ensure_topics(all_topics(settings))
+    rate = float(args.rate)
+    figures: dict[str, float] = {"participants": n, "replicas": args.replicas}
+    as_started_service()
     day_end = DAY_START + timedelta(days=1)
     try:
         # -- planning ------------------------------------------------------------------
-        # As the Kafka consumer does: each partition's batches in their own task.
-        starts = iter(range(0, n, CHUNK))
-
-        async def plan_partition() -> None:
-            for first in starts:
-                await planning.on_audience_members(ctx, members(first, min(CHUNK, n - first), n))
-
-        db_cpu = backend_cpu_s(await backend_pids(url))
-        started, cpu = time.perf_counter(), time.process_time()
-        with profiled(args.profile, "plan"):
-            await asyncio.gather(*(plan_partition() for _ in range(args.partitions)))
-        plan_s, plan_cpu = time.perf_counter() - started, time.process_time() - cpu
-        plan_db_cpu = await db_cpu_since(url, db_cpu)
+        if args.replicas > 1:
+            plan_s, plan_cpu, plan_db_cpu = await plan_in_replicas(args, url, bootstrap, prefix)
+        else:
+            db_cpu = backend_cpu_s(await backend_pids(url))
+            started, cpu = time.perf_counter(), time.process_time()
+            with profiled(args.profile, "plan"):
+                await plan_share(ctx, n, args.partitions, 0, 1)
+            plan_s, plan_cpu = time.perf_counter() - started, time.process_time() - cpu
+            plan_db_cpu = await db_cpu_since(url, db_cpu)
         t = store.touches
         async with db.connect() as conn:
             planned = int(await conn.scalar(select(func.count()).select_from(t)) or 0)
@@ -277,10 +374,14 @@ async def bench(
         )
         load = os.getloadavg()
         figures["plan_loadavg_1m"] = load[0]
-        print(f"scheduling benchmark: {n:,} participants, PostgreSQL + Kafka, one process")
+        replicas = f"{args.replicas} replica processes" if args.replicas > 1 else "one process"
+        print(
+            f"scheduling benchmark: {n:,} participants, PostgreSQL + Kafka; planning in"
+            f" {replicas}, relay and dispatch in one"
+        )
         print(
             f"  planned     {planned:>10,} touches in {plan_s:6.1f} s = {planned / plan_s:>9,.0f}/s"
-            f"; CPU per touch: this process {figures['plan_cpu_us_per_touch']:.1f} us,"
+            f"; CPU per touch: the service {figures['plan_cpu_us_per_touch']:.1f} us,"
             f" PostgreSQL {figures['plan_db_cpu_us_per_touch']:.1f} us"
             f" (load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f})"
         )
@@ -508,6 +609,12 @@ def main() -> None:
         "--partitions", type=int, default=4, help="audience batches planned concurrently"
     )
     parser.add_argument(
+        "--replicas",
+        type=int,
+        default=2,
+        help="planning processes, each planning its share of the audience (1: in this one)",
+    )
+    parser.add_argument(
         "--plan-only",
         action="store_true",
         help="stop after planning (no relay, no dispatch): the plan_* figures only",
@@ -521,7 +628,15 @@ def main() -> None:
     parser.add_argument("--observe", metavar="TOPIC", help=argparse.SUPPRESS)
     parser.add_argument("--bootstrap", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--replica", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    parser.add_argument("--prefix", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.replicas < 1:
+        parser.error("--replicas must be at least 1")
+    if args.replica is not None:
+        asyncio.run(replica(args))
+        return
     if args.observe:
         observed = asyncio.run(observe(args.observe, args.bootstrap))
         Path(args.out).write_bytes(observed.tobytes())
