@@ -71,9 +71,9 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from benchmarks.bus import delete_topics
 from benchmarks.metrics import backend_cpu_s, backend_pids
-from services.scheduling import dispatcher, planning, store
+from services.scheduling import dispatcher, handlers, planning, store
 from services.scheduling.config import SchedulingSettings
-from services.scheduling.state import stop_dispatchers
+from services.scheduling.state import DEFAULT_POLICY, stop_dispatchers
 from shared.bus.kafka import KafkaBus
 from shared.db import Database, create_database_sql
 from shared.events import (
@@ -82,6 +82,7 @@ from shared.events import (
     SegmentSnapshot,
     TouchDue,
     default_registry,
+    encode,
 )
 from shared.migrations import upgrade_async
 from shared.observability import ServiceMetrics
@@ -93,6 +94,8 @@ DAY_START = datetime(2026, 3, 8, 0, 0, tzinfo=UTC)
 MINUTES_A_DAY = 1440
 CONSENT = {"sms": True, "email": True, "push": True}
 CHUNK = 500
+SOURCE = "afterglow/segmentation"
+REGISTRY = default_registry()
 
 
 class FastClock:
@@ -130,27 +133,40 @@ def zone_for(hour: int) -> str:
     return f"Etc/GMT{'-' if offset > 0 else '+'}{abs(offset)}"
 
 
-def members(first: int, count: int, total: int) -> list[Event[Any]]:
-    out = []
-    for i in range(first, first + count):
-        # A promotion ends every minute of the day, each with its share of the audience:
-        # due touches arrive all day long, and a promotion's participants share its end.
-        minute = MINUTES_A_DAY * i // total
+_USER_MARK, _ID_MARK = b"user-placeholder", b"00000000-0000-4000-8000-placeholder0"
+_templates: dict[int, bytes] = {}
+
+
+def member_message(i: int, total: int) -> bytes:
+    """Participant `i`'s audience.member_resolved as segmentation publishes it (the bytes
+    of `shared.events.encode`), from a template per promotion."""
+    # A promotion ends every minute of the day, each with its share of the audience:
+    # due touches arrive all day long, and a promotion's participants share its end.
+    minute = MINUTES_A_DAY * i // total
+    template = _templates.get(minute)
+    if template is None:
         ended = DAY_START + timedelta(minutes=minute)
         data = AudienceMemberResolved(
-            user_id=f"u-{i:08d}",
+            user_id=_USER_MARK.decode(),
             promotion_id=f"bench-{minute:04d}",
             ended_at=ended,
             timezone=zone_for(ended.hour),
             consent=CONSENT,
             segment=SegmentSnapshot(channel_order=["push", "sms"]),
         )
-        out.append(
-            Event[Any](
-                id=str(uuid.uuid4()), source="bench", type=data.event_type(), time=ended, data=data
-            )
-        )
-    return out
+        template = encode(data, source=SOURCE, time=ended, event_id=_ID_MARK.decode())
+        _templates[minute] = template
+    user = b"u-%08d" % i
+    return template.replace(_USER_MARK, user).replace(
+        _ID_MARK, b"00000000-0000-4000-8000-%012d" % i
+    )
+
+
+def members(first: int, count: int, total: int) -> list[Event[Any]]:
+    """A batch of the audience as the service's consumer hands it over: decoded from the
+    bytes segmentation published (the decoding is part of what planning costs)."""
+    decode = REGISTRY.decode
+    return [decode(member_message(i, total)) for i in range(first, first + count)]
 
 
 @contextlib.contextmanager
@@ -346,6 +362,16 @@ async def bench(
     day_end = DAY_START + timedelta(days=1)
     try:
         # -- planning ------------------------------------------------------------------
+        # The promotions ended first (POST /v1/promotions/{id}/end), then segmentation
+        # resolved their audiences.
+        for minute in range(MINUTES_A_DAY):
+            await handlers.end_promotion(
+                ctx,
+                f"bench-{minute:04d}",
+                ended_at=DAY_START + timedelta(minutes=minute),
+                name=f"Benchmark {minute}",
+                policy=DEFAULT_POLICY,
+            )
         if args.replicas > 1:
             plan_s, plan_cpu, plan_db_cpu = await plan_in_replicas(args, url, bootstrap, prefix)
         else:
