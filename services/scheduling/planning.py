@@ -19,6 +19,7 @@ from services.scheduling.state import (
     OUTBOX_COLUMNS,
     FastEncoder,
     UnknownPolicy,
+    among,
     bulk_insert,
     current_policy,
     policy_at,
@@ -309,37 +310,57 @@ async def on_audience_members(ctx: ServiceContext, events: list[Event[Any]]) -> 
     in one transaction (COPY on PostgreSQL)."""
     members: list[AudienceMemberResolved] = [e.data for e in events]
     now = ctx.clock.now()
-    touch_rows: list[tuple[Any, ...]] = []
-    encoder = FastEncoder(ctx, now)
-    # In a transaction of its own: a promotion first seen here is recorded and committed at
-    # once, so that the batches of its other partitions, which insert it too, wait for this
-    # short transaction and not for the whole batch's.
     async with ctx.db.begin() as conn:
-        promotions = await _promotions_for(ctx, conn, members, now)
-    async with ctx.db.begin() as conn:
-        copy = _CopyBuffers(now, encoder) if conn.dialect.name == "postgresql" else None
-        fresh = await _claim_members(conn, members)
-        if not fresh:
-            return
-        erased = await _seed_users(
-            conn, [m for m in members if (m.promotion_id, m.user_id) in fresh], now
-        )
-        for member in members:
-            key = (member.promotion_id, member.user_id)
-            if key not in fresh:
-                continue
-            fresh.discard(key)
-            status, policy = promotions[member.promotion_id]
-            if status == "cancelled" or member.user_id in erased:
-                continue
-            _plan_one(member, policy, now, touch_rows, encoder, copy)
-        if copy is not None:
-            await copy.write(conn)
+        promotions = await _promotions_for(ctx, conn, members)
+        if len(promotions) == len({m.promotion_id for m in members}):
+            await _plan_batch(ctx, conn, members, promotions, now)
+            missing = None
         else:
-            await bulk_insert(conn, store.touches, TOUCH_COLUMNS, touch_rows)
-            await bulk_insert(conn, store.outbox, OUTBOX_COLUMNS, encoder.rows)
+            missing = [m for m in members if m.promotion_id not in promotions]
+    if missing is not None:
+        # A promotion that ended elsewhere and is first seen here is recorded in a short
+        # transaction of its own, committed at once: the batches of its other partitions,
+        # which insert it too, wait for this one and not for a whole batch.
+        async with ctx.db.begin() as conn:
+            await _record_promotions(conn, missing, now)
+        async with ctx.db.begin() as conn:
+            promotions = await _promotions_for(ctx, conn, members)
+            await _plan_batch(ctx, conn, members, promotions, now)
     ctx.outbox.notify()
     wake_dispatcher(ctx)
+
+
+async def _plan_batch(
+    ctx: ServiceContext,
+    conn: AsyncConnection,
+    members: Sequence[AudienceMemberResolved],
+    promotions: dict[str, tuple[str, Policy]],
+    now: datetime,
+) -> None:
+    """The batch's participants not planned before: their rows and events, in `conn`."""
+    touch_rows: list[tuple[Any, ...]] = []
+    encoder = FastEncoder(ctx, now)
+    copy = _CopyBuffers(now, encoder) if conn.dialect.name == "postgresql" else None
+    fresh = await _claim_members(conn, members)
+    if not fresh:
+        return
+    erased = await _seed_users(
+        conn, [m for m in members if (m.promotion_id, m.user_id) in fresh], now
+    )
+    for member in members:
+        key = (member.promotion_id, member.user_id)
+        if key not in fresh:
+            continue
+        fresh.discard(key)
+        status, policy = promotions[member.promotion_id]
+        if status == "cancelled" or member.user_id in erased:
+            continue
+        _plan_one(member, policy, now, touch_rows, encoder, copy)
+    if copy is not None:
+        await copy.write(conn)
+    else:
+        await bulk_insert(conn, store.touches, TOUCH_COLUMNS, touch_rows)
+        await bulk_insert(conn, store.outbox, OUTBOX_COLUMNS, encoder.rows)
 
 
 def _plan_one(
@@ -507,53 +528,54 @@ def _plan_one(
 
 
 async def _promotions_for(
-    ctx: ServiceContext,
-    conn: AsyncConnection,
-    members: Sequence[AudienceMemberResolved],
-    now: datetime,
+    ctx: ServiceContext, conn: AsyncConnection, members: Sequence[AudienceMemberResolved]
 ) -> dict[str, tuple[str, Policy]]:
-    """Status and policy of each promotion in the batch; one ended elsewhere is recorded."""
+    """Status and policy of each promotion of the batch that is recorded here."""
     p = store.promotions
-    ids = list(dict.fromkeys(m.promotion_id for m in members))
-    rows = {
-        r.promotion_id: r
-        for r in (
-            await conn.execute(
-                select(p.c.promotion_id, p.c.status, p.c.policy, p.c.policy_version).where(
-                    p.c.promotion_id.in_(ids)
-                )
+    ids = sorted({m.promotion_id for m in members})
+    rows = (
+        await conn.execute(
+            select(p.c.promotion_id, p.c.status, p.c.policy, p.c.policy_version).where(
+                among(conn, p.c.promotion_id, ids)
             )
-        ).all()
+        )
+    ).all()
+    return {
+        r.promotion_id: (r.status, await policy_at(ctx, conn, r.policy, r.policy_version))
+        for r in rows
     }
-    out: dict[str, tuple[str, Policy]] = {}
+
+
+async def _record_promotions(
+    conn: AsyncConnection, members: Sequence[AudienceMemberResolved], now: datetime
+) -> None:
+    """Record the promotions of `members` (ended elsewhere), with their policy's current
+    version (the default policy for an unknown one); those recorded already stay as they are."""
+    p = store.promotions
+    seen: set[str] = set()
     for member in members:
         pid = member.promotion_id
-        if pid in out:
+        if pid in seen:
             continue
-        row = rows.get(pid)
-        if row is None:
-            name = member.policy
-            try:
-                version, _ = await current_policy(conn, name, now)
-            except UnknownPolicy:
-                name = DEFAULT_POLICY
-                version, _ = await current_policy(conn, name, now)
-            await conn.execute(
-                insert_ignore(p),
-                {
-                    "promotion_id": pid,
-                    "name": "",
-                    "policy": name,
-                    "policy_version": version,
-                    "ended_at": member.ended_at,
-                    "status": "ended",
-                    "created_at": now,
-                },
-            )
-            out[pid] = ("ended", await policy_at(ctx, conn, name, version))
-        else:
-            out[pid] = (row.status, await policy_at(ctx, conn, row.policy, row.policy_version))
-    return out
+        seen.add(pid)
+        name = member.policy
+        try:
+            version, _ = await current_policy(conn, name, now)
+        except UnknownPolicy:
+            name = DEFAULT_POLICY
+            version, _ = await current_policy(conn, name, now)
+        await conn.execute(
+            insert_ignore(p),
+            {
+                "promotion_id": pid,
+                "name": "",
+                "policy": name,
+                "policy_version": version,
+                "ended_at": member.ended_at,
+                "status": "ended",
+                "created_at": now,
+            },
+        )
 
 
 async def _claim_members(

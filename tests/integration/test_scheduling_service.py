@@ -269,6 +269,27 @@ async def test_caps_hold_across_two_overlapping_promotions(service: Harness) -> 
     assert all(w["pending"] == 0 for w in plan["waves"])
 
 
+async def test_an_audience_of_a_promotion_ended_elsewhere_is_planned(service: Harness) -> None:
+    # No end here: the first batch records each promotion, with the policy its members name
+    # (the default one when it is not known here), then plans them.
+    await put_policy(service, "plain")
+    await plan_users(
+        service,
+        member("u-1", "p-else", policy="plain"),
+        member("u-2", "p-else", policy="plain"),
+        member("u-1", "p-odd", policy="no-such-policy"),
+    )
+    await service.settle()
+    plans = {
+        p: (await service.client.get(f"/v1/promotions/{p}/plan")).json()
+        for p in ("p-else", "p-odd")
+    }
+    assert (plans["p-else"]["policy"], plans["p-else"]["status"]) == ("plain", "ended")
+    assert [w["planned"] for w in plans["p-else"]["waves"]] == [2, 2, 2, 2, 2]
+    assert plans["p-odd"]["policy"] == "default"
+    assert sum(w["planned"] for w in plans["p-odd"]["waves"]) == len(default_policy().waves)
+
+
 async def test_cancel_stops_what_is_pending(service: Harness) -> None:
     await put_policy(service, "plain")
     await end(service, "p-1", "plain")
