@@ -4,10 +4,14 @@ one ending each minute of one day) on a clock that plays the day at `--rate` due
 second.
 
     python -m benchmarks.scheduling [--participants 1000000] [--rate 12000] [--batch 1000]
-                                    [--plan-only] [--json PATH]
+                                    [--replicas 2] [--plan-only] [--json PATH]
 
-The service's work (planning, the dispatchers and the outbox relay) runs in this one process.
-The touch.due events are observed on Kafka by a second process (this module with
+The promotions are ended first, as POST /v1/promotions/{id}/end does. Planning then runs in
+`--replicas` processes (this module with `--replica I`), as the service scaled out: each
+plans every R-th batch of 500 participants, which it decodes from the bytes segmentation
+publishes, as its consumer would; `--replicas 1` plans in this process. The outbox relay and
+the dispatchers run in this one process (the dispatch goal is for one process).
+The touch.due events are observed on Kafka by another process (this module with
 `--observe`), so that the measuring consumer does not take CPU from the process measured.
 Latency runs from a touch's due time (its `due_at` on the benchmark's clock, mapped to wall
 time) to the moment the observer received its touch.due from Kafka. The default rate is above
@@ -18,9 +22,11 @@ Creates and drops a database of its own. Prints figures; asserts nothing.
 
 `--json PATH` writes the figures as one flat JSON object:
     participants            audience size
+    replicas                planning processes
     touches_planned         timer rows written (5 per participant)
     plan_s, planned_per_s   planning wall time and touches planned per second
-    plan_cpu_us_per_touch   CPU of this process per touch planned (PostgreSQL's not included)
+    plan_cpu_us_per_touch   CPU of the planning processes per touch planned (PostgreSQL's not
+                            included)
     plan_db_cpu_us_per_touch
                             CPU of PostgreSQL's backends of the benchmark's database per touch
                             planned (read from /proc: a server on this machine; NaN otherwise)
@@ -649,7 +655,8 @@ def main() -> None:
     parser.add_argument(
         "--profile",
         metavar="PATH",
-        help="cProfile each phase of this process to PATH.plan.prof, .relay.prof, .dispatch.prof",
+        help="cProfile each phase of this process to PATH.plan.prof (with --replicas 1),"
+        " .relay.prof, .dispatch.prof",
     )
     parser.add_argument("--observe", metavar="TOPIC", help=argparse.SUPPRESS)
     parser.add_argument("--bootstrap", help=argparse.SUPPRESS)
