@@ -249,7 +249,7 @@ def service_context(url: str, bootstrap: str, prefix: str) -> ServiceContext:
         clock=FastClock(DAY_START, 1.0),
         outbox=outbox,
         metrics=ServiceMetrics("scheduling-bench"),
-        registry=default_registry(),
+        registry=REGISTRY,
     )
 
 
