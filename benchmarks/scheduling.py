@@ -240,6 +240,7 @@ def service_context(url: str, bootstrap: str, prefix: str) -> ServiceContext:
         lanes=8,
         batch=2000,
         poll_s=0.05,
+        vacuum_rows=settings.outbox_vacuum_rows,
     )
     return ServiceContext(
         name="scheduling",

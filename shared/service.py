@@ -183,6 +183,7 @@ def create_service_app(
             lanes=settings.outbox_lanes,
             batch=settings.outbox_batch,
             poll_s=settings.outbox_poll_s,
+            vacuum_rows=settings.outbox_vacuum_rows,
         )
         ctx = ServiceContext(
             name=spec.name,

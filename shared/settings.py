@@ -9,6 +9,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from shared.outbox import DEFAULT_VACUUM_ROWS
+
 CHANNELS = ("sms", "email", "push", "in_app", "social")
 SERVICES = ("segmentation", "scheduling", "delivery", "metrics")
 DEFAULT_PORTS = {"segmentation": 8001, "scheduling": 8002, "delivery": 8003, "metrics": 8004}
@@ -94,6 +96,7 @@ class Settings(BaseSettings):
     outbox_lanes: int = Field(8, ge=1, le=1024)
     outbox_batch: int = Field(500, ge=1)
     outbox_poll_s: float = Field(0.5, gt=0)
+    outbox_vacuum_rows: int = Field(DEFAULT_VACUUM_ROWS, ge=0)
     auto_migrate: bool = True
 
     @field_validator(

@@ -7,6 +7,7 @@ The bus is the in-process transport (a real implementation of the port);
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -608,3 +609,64 @@ async def test_two_replicas_relay_every_event_once_in_per_key_order(env: Env) ->
     shares = [r.published_total for r in replicas]
     assert sum(shares) == total
     assert all(share > 0 for share in shares), shares
+
+
+# -- vacuuming (PostgreSQL) -----------------------------------------------------------
+
+
+@pytest.mark.postgres
+async def test_the_relay_vacuums_what_it_deleted_so_its_reads_stay_short(
+    postgres_url: str, unique: str
+) -> None:
+    """A deleted row stays in the (lane, id) index until the table is vacuumed, and every
+    round reads each lane from its oldest entry: without vacuuming, past every row relayed
+    before. Autovacuum is off for this table, so only the relay's own vacuum can help."""
+    env = Env("postgres", postgres_url, f"ob_{unique}")
+    try:
+        db, outbox_t, _, bus, _ = await setup(env)
+        async with db.begin() as conn:
+            await conn.execute(
+                text(f"ALTER TABLE {outbox_t.fullname} SET (autovacuum_enabled = false)")
+            )
+        messages = [OutMessage("activities", f"k{i % 97}", b'{"n": %d}' % i) for i in range(40_000)]
+
+        async def relay_all(outbox: Outbox) -> int:
+            for start in range(0, len(messages), 5000):
+                async with db.begin() as conn:
+                    await outbox.add_messages(conn, messages[start : start + 5000], now=NOW)
+            total = 0
+            while n := await outbox.relay_once():
+                total += n
+                await outbox.vacuumed()
+            return total
+
+        async def oldest_read_blocks() -> int:
+            async with db.connect() as conn:
+                plan = await conn.scalar(
+                    text(
+                        "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON)"
+                        f" SELECT id FROM {outbox_t.fullname} WHERE lane = 0 ORDER BY id LIMIT 1"
+                    )
+                )
+            top = (plan if isinstance(plan, list) else json.loads(plan))[0]["Plan"]
+            return int(top["Shared Hit Blocks"]) + int(top["Shared Read Blocks"])
+
+        manual = env.outbox(db, outbox_t, bus, lanes=1, batch=2000, vacuum_rows=0)
+        assert await relay_all(manual) == 40_000
+        assert manual.vacuums_total == 0
+        behind_dead_rows = await oldest_read_blocks()
+
+        relay = env.outbox(db, outbox_t, bus, lanes=1, batch=2000, vacuum_rows=1000)
+        assert await relay_all(relay) == 40_000
+        assert relay.vacuums_total >= 20
+        assert await relay.pending() == 0
+        vacuumed = await oldest_read_blocks()
+    finally:
+        for outbox in env.outboxes:
+            await outbox.stop(timeout_s=1.0)
+        if env.databases:
+            await env.databases[0].drop_schema()
+        for database in env.databases:
+            await database.stop()
+    assert behind_dead_rows > 100, behind_dead_rows
+    assert vacuumed < 10, vacuumed
