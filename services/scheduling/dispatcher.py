@@ -106,7 +106,12 @@ _CLAIM_PG = (
 )
 _MORE_DUE_PG = (
     f"SELECT {_CLAIM_LIST} FROM scheduling.touches"
-    " WHERE user_id = ANY($1::text[]) AND status = 'planned' AND due_at <= $2"
+    # `IS TRUE` keeps the due index (partial, on status = 'planned') out of reach: with
+    # statistics taken before the day's touches fell due, the planner estimated a handful
+    # of due rows and scanned that index, past every due touch and the dead entries of the
+    # dispatched ones, comparing each with the claimed users (345 ms a batch, 0 rows found).
+    # Through (user_id, due_at) it is a few index pages per user at any size.
+    " WHERE user_id = ANY($1::text[]) AND (status = 'planned') IS TRUE AND due_at <= $2"
     # NOT IN a subquery is hashed; `<> ALL($3)` compared every row with every claimed id
     # (29 ms for 1,000 rows against 1,000 ids).
     " AND touch_id NOT IN (SELECT unnest($3::text[])) FOR UPDATE SKIP LOCKED"
