@@ -134,21 +134,29 @@ async def on_promotion_ended(ctx: ServiceContext, event: Event[Any]) -> None:
 
 
 async def cancel_promotion(ctx: ServiceContext, promotion_id: str) -> int | None:
-    """Stop what is pending (idempotent); returns how many touches it cancelled now."""
+    """Stop what is pending (idempotent); returns how many touches it cancelled now.
+
+    The call that cancels the promotion counts every touch of it that the cancellation
+    stopped, those the `promotion.cancelled` handler (this service consumes its own event,
+    to finish a walk cut short by a crash) reached first while this walk went on included.
+    A later call counts only what it still found pending."""
     now = ctx.clock.now()
     p, t = store.promotions, store.touches
     async with ctx.db.begin() as conn:
-        status = (
+        known = (
             await conn.execute(select(p.c.status).where(p.c.promotion_id == promotion_id))
         ).scalar_one_or_none()
-        if status is None:
+        if known is None:
             return None
-        if status != "cancelled":
-            await conn.execute(
-                update(p)
-                .where(p.c.promotion_id == promotion_id)
-                .values(status="cancelled", cancelled_at=now)
-            )
+        # Conditional: of two calls racing here, the second waits for the first's row lock
+        # and then updates nothing (one owner, one promotion.cancelled).
+        flipped = await conn.execute(
+            update(p)
+            .where(p.c.promotion_id == promotion_id, p.c.status != "cancelled")
+            .values(status="cancelled", cancelled_at=now)
+        )
+        owner = flipped.rowcount == 1
+        if owner:
             await ctx.outbox.add(
                 conn, [PromotionCancelled(promotion_id=promotion_id, cancelled_at=now)], now=now
             )
@@ -172,20 +180,22 @@ async def cancel_promotion(ctx: ServiceContext, promotion_id: str) -> int | None
                 break
             after = users[-1]
             query = select(
-                t.c.touch_id, t.c.user_id, t.c.promotion_id, t.c.wave, t.c.variant
+                t.c.touch_id, t.c.user_id, t.c.promotion_id, t.c.wave, t.c.variant, t.c.status
             ).where(
                 among(conn, t.c.user_id, users),
                 t.c.promotion_id == promotion_id,
-                t.c.status == "planned",
+                t.c.status.in_(("planned", "cancelled")) if owner else t.c.status == "planned",
             )
             if conn.dialect.name == "postgresql":
+                # Waits for a concurrent walker's chunk, then sees what it cancelled.
                 query = query.with_for_update()
             rows = (await conn.execute(query)).all()
-            if rows:
+            pending = [r for r in rows if r.status == "planned"]
+            if pending:
                 await _close_pending(
-                    ctx, conn, rows, status="cancelled", reason="cancelled", now=now
+                    ctx, conn, pending, status="cancelled", reason="cancelled", now=now
                 )
-                cancelled += len(rows)
+            cancelled += len(rows)
         ctx.outbox.notify()
     return cancelled
 

@@ -4,6 +4,7 @@ fatigue, consent and erasure."""
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -16,6 +17,7 @@ from services.scheduling.policy import default_policy
 from shared.events import (
     AudienceMemberResolved,
     EngagementRecorded,
+    PromotionCancelled,
     PromotionEnded,
     SegmentSnapshot,
     TouchDue,
@@ -307,6 +309,27 @@ async def test_cancel_stops_what_is_pending(service: Harness) -> None:
     assert [w["cancelled"] for w in plan["waves"]] == [0, 3, 3, 3, 3]
     late = await service.client.post("/v1/promotions/p-404/cancel")
     assert late.status_code == 404
+
+
+async def test_two_cancellations_at_once_make_one_owner_that_counts_every_touch(
+    service: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The API's cancel and the promotion.cancelled handler walk the participants at the same
+    # time: one of them cancels the promotion (one event) and reports all it stopped.
+    monkeypatch.setattr(handlers, "CANCEL_CHUNK", 2)
+    await put_policy(service, "plain")
+    await end(service, "p-1", "plain")
+    await plan_users(service, *(member(f"u-{i}") for i in range(7)))
+    await service.settle()
+    counts = await asyncio.gather(
+        handlers.cancel_promotion(service.ctx, "p-1"),
+        handlers.cancel_promotion(service.ctx, "p-1"),
+    )
+    assert max(c or 0 for c in counts) == 28
+    await service.settle()
+    assert len(service.emitted(PromotionCancelled)) == 1
+    told = [e.data for e in service.emitted(TouchSuppressed) if e.data.reason == "cancelled"]
+    assert len(told) == len({e.touch_id for e in told}) == 28
 
 
 async def test_cancel_walks_the_participants_a_chunk_at_a_time(
