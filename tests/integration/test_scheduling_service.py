@@ -311,12 +311,18 @@ async def test_cancel_stops_what_is_pending(service: Harness) -> None:
     assert late.status_code == 404
 
 
+@pytest.fixture
+def two_a_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cancellation walks the participants two a transaction."""
+    monkeypatch.setattr(handlers, "CANCEL_CHUNK", 2)
+
+
+@pytest.mark.usefixtures("two_a_chunk")
 async def test_two_cancellations_at_once_make_one_owner_that_counts_every_touch(
-    service: Harness, monkeypatch: pytest.MonkeyPatch
+    service: Harness,
 ) -> None:
     # The API's cancel and the promotion.cancelled handler walk the participants at the same
     # time: one of them cancels the promotion (one event) and reports all it stopped.
-    monkeypatch.setattr(handlers, "CANCEL_CHUNK", 2)
     await put_policy(service, "plain")
     await end(service, "p-1", "plain")
     await plan_users(service, *(member(f"u-{i}") for i in range(7)))
@@ -332,12 +338,10 @@ async def test_two_cancellations_at_once_make_one_owner_that_counts_every_touch(
     assert len(told) == len({e.touch_id for e in told}) == 28
 
 
-async def test_cancel_walks_the_participants_a_chunk_at_a_time(
-    service: Harness, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.mark.usefixtures("two_a_chunk")
+async def test_cancel_walks_the_participants_a_chunk_at_a_time(service: Harness) -> None:
     # Two participants a transaction: the walk over plan_members must resume after the last
     # user of each chunk, and leave the same users' touches of another promotion alone.
-    monkeypatch.setattr(handlers, "CANCEL_CHUNK", 2)
     await put_policy(service, "plain")
     await end(service, "p-1", "plain")
     await end(service, "p-2", "plain")
