@@ -79,6 +79,15 @@ class Env:
         self.outboxes.append(outbox)
         return outbox
 
+    async def close(self) -> None:
+        for outbox in self.outboxes:
+            await outbox.stop(timeout_s=1.0)
+        if self.name == "postgres" and self.databases:
+            await self.databases[0].start()
+            await self.databases[0].drop_schema()
+        for db in self.databases:
+            await db.stop()
+
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 async def env(request: pytest.FixtureRequest, tmp_path: Path, unique: str) -> AsyncIterator[Env]:
@@ -88,13 +97,7 @@ async def env(request: pytest.FixtureRequest, tmp_path: Path, unique: str) -> As
         url = f"sqlite+aiosqlite:///{tmp_path}/afterglow.db"
     e = Env(request.param, url, f"ob_{unique}")
     yield e
-    for outbox in e.outboxes:
-        await outbox.stop(timeout_s=1.0)
-    if e.name == "postgres" and e.databases:
-        await e.databases[0].start()
-        await e.databases[0].drop_schema()
-    for db in e.databases:
-        await db.stop()
+    await e.close()
 
 
 def tables(schema: str) -> tuple[MetaData, Table, Table]:
@@ -662,11 +665,6 @@ async def test_the_relay_vacuums_what_it_deleted_so_its_reads_stay_short(
         assert await relay.pending() == 0
         vacuumed = await oldest_read_blocks()
     finally:
-        for outbox in env.outboxes:
-            await outbox.stop(timeout_s=1.0)
-        if env.databases:
-            await env.databases[0].drop_schema()
-        for database in env.databases:
-            await database.stop()
+        await env.close()
     assert behind_dead_rows > 100, behind_dead_rows
     assert vacuumed < 10, vacuumed
