@@ -11,7 +11,7 @@ import hashlib
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, date, datetime, time, timedelta, tzinfo
+from datetime import UTC, datetime, time, timedelta, tzinfo
 from functools import lru_cache
 from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -48,7 +48,11 @@ def _touch_id(name: bytes) -> str:
     """`touch_id` of the encoded name: SHA-1 of namespace and name, version 5, RFC variant."""
     digest = _TOUCH_NAMESPACE_SHA1.copy()
     digest.update(name)
-    h = digest.hexdigest()
+    return _uuid5_text(digest.hexdigest())
+
+
+def _uuid5_text(h: str) -> str:
+    """The UUID text of a SHA-1 hex digest: its first 32 digits, version 5, RFC variant."""
     return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT_DIGIT[h[16]]}{h[17:20]}-{h[20:32]}"
 
 
@@ -202,13 +206,28 @@ class _WavePlan:
 
 @dataclass(frozen=True, slots=True)
 class _Experiment:
-    """The experiment's figures as `plan_member` compares them."""
+    """The experiment's figures as `member_draws` compares them: for each share, the bound
+    below which a digest of `unit` falls exactly when its number is under the share."""
 
-    holdout_share: float
-    wave_holdout_share: float
-    # (running total of the shares, variant): `variant_of`'s sums, added up once.
-    variants: tuple[tuple[float, str], ...]
+    holdout_below: bytes
+    wave_holdout_below: bytes
+    # (bound of the running total of the shares, variant): `variant_of`'s sums.
+    variants: tuple[tuple[bytes, str], ...]
     last: str
+
+
+@dataclass(frozen=True, slots=True)
+class WaveSlot:
+    """One wave of a participant's plan as everyone of the same shape has it (the promotion's
+    end, zone, tier, value layer, silence, abuse review): all of the touch but its id, holdout
+    and variant, which hash the user."""
+
+    wave: _WavePlan
+    due: datetime
+    deadline: datetime
+    parallel: int
+    # A coupon wave of a participant under abuse review: suppressed (when not held out).
+    abuse: bool
 
 
 @dataclass(slots=True)
@@ -223,15 +242,13 @@ class _PolicyIndex:
         default_factory=dict
     )
     experiment: _Experiment | None = None
-    # (tier, timezone name, local day of the end, silent) -> due of each wave at a local time
-    # (None for the others): the zoneinfo arithmetic is the same for everyone of a zone whose
-    # promotion ended on the same local day.
-    local_dues: dict[tuple[str, str, date, bool], tuple[datetime | None, ...]] = field(
-        default_factory=dict
-    )
+    # (tier, zone name, end, silent, value layer, abuse review) -> the waves' slots: a
+    # promotion's participants share its end, and most of them a few zones and tiers.
+    slots: dict[WaveSlotKey, tuple[WaveSlot, ...]] = field(default_factory=dict)
 
 
-_LOCAL_DUES_MAX = 100_000
+WaveSlotKey = tuple[str | None, str | None, datetime, bool, str | None, bool]
+_SLOTS_MAX = 100_000
 # id(policy) -> (policy, index); the policy is kept so that its id is never reused.
 _INDEXES: dict[int, tuple[Policy, _PolicyIndex]] = {}
 
@@ -291,10 +308,10 @@ def _experiment(policy: Policy) -> _Experiment:
         running, total = [], 0.0
         for variant in experiment.variants:
             total += variant.share
-            running.append((total, variant.name))
+            running.append((_below(total), variant.name))
         found = _Experiment(
-            experiment.holdout_share,
-            experiment.wave_holdout_share,
+            _below(experiment.holdout_share),
+            _below(experiment.wave_holdout_share),
             tuple(running),
             experiment.variants[-1].name,
         )
@@ -302,35 +319,132 @@ def _experiment(policy: Policy) -> _Experiment:
     return found
 
 
-def _local_dues(
-    policy: Policy, waves: tuple[_WavePlan, ...], member: Member, tz: tzinfo
-) -> tuple[datetime | None, ...]:
-    """The due time of each wave at a local time (None for the others), cached per zone and
-    local day of the end."""
-    local_day = member.ended_at.astimezone(tz).date()
-    cache = _index(policy).local_dues
-    key = (member.ltv_tier or "", member.timezone, local_day, member.silent)
+_TWO64 = 2**64
+
+
+def _below(share: float) -> bytes:
+    """The bound of `share` for 8-byte digests: `d < bound` (bytes compare as big-endian
+    numbers do) exactly when `int.from_bytes(d, "big") / 2**64 < share`, as `unit` compares.
+    The smallest x whose quotient reaches the share, by bisection on that same float test;
+    2**64 (every digest is below) as nine bytes, which every 8-byte digest sorts under."""
+    low, high = 0, _TWO64
+    while low < high:
+        middle = (low + high) // 2
+        if middle / _TWO64 >= share:
+            high = middle
+        else:
+            low = middle + 1
+    return b"\xff" * 9 if low == _TWO64 else low.to_bytes(8, "big")
+
+
+def wave_slots(
+    policy: Policy,
+    ended_at: datetime,
+    timezone: str | None,
+    ltv_tier: str | None,
+    value_layer: str | None,
+    silent: bool,
+    abuse_review: bool,
+) -> tuple[WaveSlot, ...]:
+    """The slots of a participant of this shape, one per wave of their tier (cached)."""
+    cache = _index(policy).slots
+    key = (ltv_tier, timezone, ended_at, silent, value_layer, abuse_review)
     found = cache.get(key)
     if found is None:
-        silent = member.silent
-        found = tuple(
-            None
-            if w.local_time is None
-            else datetime.combine(
-                local_day + timedelta(days=w.silent_days if silent else w.days),
-                w.local_time,
-                tzinfo=tz,
-            ).astimezone(UTC)
-            for w in waves
-        )
-        if len(cache) >= _LOCAL_DUES_MAX:
+        found = _slots(policy, ended_at, timezone, ltv_tier, value_layer, silent, abuse_review)
+        if len(cache) >= _SLOTS_MAX:
             cache.clear()
+        # Equal ends in other offsets share the entry: every time planned is in UTC.
         cache[key] = found
     return found
 
 
-_TWO64 = 2**64
-_from_bytes = int.from_bytes
+def _slots(
+    policy: Policy,
+    ended_at: datetime,
+    timezone: str | None,
+    ltv_tier: str | None,
+    value_layer: str | None,
+    silent: bool,
+    abuse_review: bool,
+) -> tuple[WaveSlot, ...]:
+    waves = _wave_plans(policy, ltv_tier)
+    if ended_at.tzinfo is not UTC:
+        # Every time planned is in datetime.UTC (a decoded "Z" carries pydantic's own zone
+        # object): the encoders keep those of a promotion's end, which its participants share.
+        ended_at = ended_at.astimezone(UTC)
+    tz = zone(timezone)
+    local_day = ended_at.astimezone(tz).date()
+    dues = [
+        ended_at + (w.silent_after if silent else w.after)
+        if w.local_time is None
+        # The local time on the local calendar day (zoneinfo resolves DST), as UTC.
+        else datetime.combine(
+            local_day + timedelta(days=w.silent_days if silent else w.days),
+            w.local_time,
+            tzinfo=tz,
+        ).astimezone(UTC)
+        for w in waves
+    ]
+    slots = []
+    last = len(waves) - 1
+    for i, wave in enumerate(waves):
+        due = dues[i]
+        deadline = ended_at + wave.deadline
+        if i < last and dues[i + 1] < deadline:
+            # Never later than the user's next wave of the same promotion.
+            deadline = dues[i + 1]
+        if deadline < due:
+            deadline = due
+        parallel = 2 if value_layer in wave.pair_value_layers else 1
+        slots.append(WaveSlot(wave, due, deadline, parallel, wave.coupon and abuse_review))
+    return tuple(slots)
+
+
+def member_draws(
+    policy: Policy, user_id: str, promotion_id: str, slots: Sequence[WaveSlot]
+) -> list[tuple[str, str, bool]]:
+    """Touch id, variant and holdout (of the whole plan or of the wave) of each slot: the
+    figures of `touch_id`, `variant_of`, `in_holdout` and `in_wave_holdout`, with the hashed
+    names put together once per participant (planning runs this millions of times)."""
+    experiment = _experiment(policy)
+    # unit(kind, user, promotion[, wave]) hashes "kind\x1fuser\x1fpromotion[\x1fwave]";
+    # touch_id "promotion\x1fuser\x1fwave".
+    user_promotion = f"\x1f{user_id}\x1f{promotion_id}".encode()
+    held_out = (
+        _blake2b(b"holdout" + user_promotion, digest_size=8).digest() < experiment.holdout_below
+    )
+    # Each wave's names end in its tail: the hashes of what they share, copied per wave
+    # (cheaper than hashing the whole name again).
+    variant_hash = _blake2b(b"variant" + user_promotion, digest_size=8)
+    wave_hash = None if held_out else _blake2b(b"wave-holdout" + user_promotion, digest_size=8)
+    touch_hash = _TOUCH_NAMESPACE_SHA1.copy()
+    touch_hash.update(f"{promotion_id}\x1f{user_id}".encode())
+    wave_below, variants, variant_last = (
+        experiment.wave_holdout_below,
+        experiment.variants,
+        experiment.last,
+    )
+    draws = []
+    for slot in slots:
+        tail = slot.wave.tail
+        h = variant_hash.copy()
+        h.update(tail)
+        point = h.digest()
+        variant = variant_last
+        for below, name in variants:
+            if point < below:
+                variant = name
+                break
+        held = held_out
+        if wave_hash is not None:
+            h = wave_hash.copy()
+            h.update(tail)
+            held = h.digest() < wave_below
+        t = touch_hash.copy()
+        t.update(tail)
+        draws.append((_uuid5_text(t.hexdigest()), variant, held))
+    return draws
 
 
 def plan_member(policy: Policy, member: Member) -> list[PlannedTouch]:
@@ -358,78 +472,39 @@ PlannedRow = tuple[
 
 
 def plan_member_rows(policy: Policy, member: Member) -> list[PlannedRow]:
-    """`plan_member` as plain tuples (PlannedTouch's fields in order), for bulk planning.
-
-    The same figures as `in_holdout`, `in_wave_holdout`, `variant_of` and `touch_id`, with the
-    hashed names put together once per participant (planning runs this millions of times).
-    """
-    tz = zone(member.timezone)
-    waves = _wave_plans(policy, member.ltv_tier)
-    experiment = _experiment(policy)
-    user_id, promotion_id, ended_at = member.user_id, member.promotion_id, member.ended_at
-    if ended_at.tzinfo is not UTC:
-        # Every time planned is in datetime.UTC (a decoded "Z" carries pydantic's own zone
-        # object): the encoders keep those of a promotion's end, which its participants share.
-        ended_at = ended_at.astimezone(UTC)
-    silent, abuse, layer = member.silent, member.abuse_review, member.value_layer
-    # unit(kind, user, promotion[, wave]) hashes "kind\x1fuser\x1fpromotion[\x1fwave]";
-    # touch_id "promotion\x1fuser\x1fwave".
-    user_promotion = f"\x1f{user_id}\x1f{promotion_id}".encode()
-    promotion_user = f"{promotion_id}\x1f{user_id}".encode()
-    held_out = (
-        _from_bytes(_blake2b(b"holdout" + user_promotion, digest_size=8).digest(), "big") / _TWO64
-        < experiment.holdout_share
+    """`plan_member` as plain tuples (PlannedTouch's fields in order), for bulk planning."""
+    user_id, promotion_id = member.user_id, member.promotion_id
+    slots = wave_slots(
+        policy,
+        member.ended_at,
+        member.timezone,
+        member.ltv_tier,
+        member.value_layer,
+        member.silent,
+        member.abuse_review,
     )
-    wave_share = experiment.wave_holdout_share
-    variants, last_variant = experiment.variants, experiment.last
-    locals_ = _local_dues(policy, waves, member, tz)
-    dues = [
-        (ended_at + (w.silent_after if silent else w.after)) if local is None else local
-        for w, local in zip(waves, locals_, strict=True)
-    ]
     touches: list[PlannedRow] = []
-    last = len(waves) - 1
-    for i, wave in enumerate(waves):
-        due = dues[i]
-        deadline = ended_at + wave.deadline
-        if i < last and dues[i + 1] < deadline:
-            # Never later than the user's next wave of the same promotion.
-            deadline = dues[i + 1]
-        if deadline < due:
-            deadline = due
-        tail = wave.tail
+    for slot, (touch, variant, held) in zip(
+        slots, member_draws(policy, user_id, promotion_id, slots), strict=True
+    ):
+        wave = slot.wave
         status: Literal["planned", "suppressed"] = "planned"
         reason: Reason | None = None
-        if held_out or (
-            _from_bytes(
-                _blake2b(b"wave-holdout" + user_promotion + tail, digest_size=8).digest(), "big"
-            )
-            / _TWO64
-            < wave_share
-        ):
+        if held:
             status, reason = "suppressed", "holdout"
-        elif wave.coupon and abuse:
+        elif slot.abuse:
             status, reason = "suppressed", "abuse"
-        point = (
-            _from_bytes(_blake2b(b"variant" + user_promotion + tail, digest_size=8).digest(), "big")
-            / _TWO64
-        )
-        variant = last_variant
-        for total, name in variants:
-            if point < total:
-                variant = name
-                break
         touches.append(
             (
-                _touch_id(promotion_user + tail),
+                touch,
                 user_id,
                 promotion_id,
                 wave.name,
                 variant,
-                due,
-                deadline,
+                slot.due,
+                slot.deadline,
                 wave.coupon,
-                2 if layer in wave.pair_value_layers else 1,
+                slot.parallel,
                 wave.rank,
                 wave.essential,
                 status,

@@ -133,7 +133,6 @@ def _timestamptz(value: datetime) -> bytes:
 
 
 _JSON_CACHE_MAX = 100_000
-_times: dict[datetime, tuple[bytes, bytes]] = {}
 _json_texts: dict[str | None, bytes] = {}
 
 
@@ -149,16 +148,9 @@ def _cached_json(cache: dict[Any, bytes], value: Any) -> bytes:
 
 
 def _time_parts(value: datetime) -> tuple[bytes, bytes]:
-    """A due time's or deadline's timestamptz (binary COPY) and JSON (orjson's isoformat()),
-    kept for UTC ones: a batch's times repeat (a promotion's end, a zone's local times).
-    Equal instants in other offsets are written otherwise, so those are never kept."""
+    """A due time's or deadline's timestamptz (binary COPY) and JSON (orjson's isoformat())."""
     # A copy: orjson's bytes keep a buffer of some kilobytes however short the text.
-    parts = (_timestamptz(value), memoryview(orjson.dumps(value)).tobytes())
-    if value.tzinfo is UTC:
-        if len(_times) >= _JSON_CACHE_MAX:
-            _times.clear()
-        _times[value] = parts
-    return parts
+    return _timestamptz(value), memoryview(orjson.dumps(value)).tobytes()
 
 
 def _json_text(value: str | None) -> bytes:
@@ -208,6 +200,47 @@ def _wave_json(wave: str, variant: str) -> bytes:
     return found
 
 
+# What the rows and events of a wave slot (`domain.wave_slots`) share, encoded once: the
+# wave's name, its COPY fields from wave to essential, the COPY due_at, planned_due_at and
+# deadline, the events' "due_at" and "deadline" members, whether it is suppressed for abuse
+# review, and its parallel figure. Kept per tuple of slots (by id, the tuple held so that
+# its id is not reused), since a promotion's participants share a few of them.
+_SlotParts = tuple[domain.WaveSlot, str, bytes, bytes, bytes, bool, int]
+_SLOT_PARTS_MAX = 100_000
+_slot_parts: dict[int, tuple[tuple[domain.WaveSlot, ...], tuple[_SlotParts, ...]]] = {}
+
+
+def _encode_slots(slots: tuple[domain.WaveSlot, ...]) -> tuple[_SlotParts, ...]:
+    parts = []
+    for slot in slots:
+        wave = slot.wave
+        due_b, due_j = _time_parts(slot.due)
+        deadline_b, deadline_j = _time_parts(slot.deadline)
+        parts.append(
+            (
+                slot,
+                wave.name,
+                b"".join(
+                    (
+                        _text(wave.name),
+                        _pack_int2(2, wave.rank),
+                        _TRUE if wave.coupon else _FALSE,
+                        _TRUE if wave.essential else _FALSE,
+                    )
+                ),
+                due_b + due_b + deadline_b,
+                b"".join((_DUE_AT, due_j, _DEADLINE, deadline_j)),
+                slot.abuse,
+                slot.parallel,
+            )
+        )
+    if len(_slot_parts) >= _SLOT_PARTS_MAX:
+        _slot_parts.clear()
+    found = tuple(parts)
+    _slot_parts[id(slots)] = (slots, found)
+    return found
+
+
 class _CopyBuffers:
     """One batch's touches as binary COPY data, and its events packed by lane (PostgreSQL)."""
 
@@ -220,7 +253,6 @@ class _CopyBuffers:
         self.now = _timestamptz(now)
         self.created = _timestamptz(encoder.now)
         self.topic = _text(encoder.topic)
-        self.waves: dict[tuple[str, int, bool, bool], bytes] = {}
         self.cols: dict[tuple[str, str, str | None, int], bytes] = {}
 
     def touch_head(self, promotion_id: str, user_id: str, order: str, label: str | None) -> bytes:
@@ -236,20 +268,6 @@ class _CopyBuffers:
                 _text(label),
             )
         )
-
-    def wave_cols(self, wave: str, rank: int, coupon: bool, essential: bool) -> bytes:
-        key = (wave, rank, coupon, essential)
-        found = self.waves.get(key)
-        if found is None:
-            found = self.waves[key] = b"".join(
-                (
-                    _text(wave),
-                    _pack_int2(2, rank),
-                    _TRUE if coupon else _FALSE,
-                    _TRUE if essential else _FALSE,
-                )
-            )
-        return found
 
     def touch_cols(self, variant: str, status: str, reason: str | None, parallel: int) -> bytes:
         key = (variant, status, reason, parallel)
@@ -376,26 +394,22 @@ def _plan_one(
 
     To `touch_rows` and `encoder.rows`, or with `copy` straight into its COPY buffers."""
     segment = member.segment
-    user_id = member.user_id
-    plan = domain.plan_member_rows(
+    user_id, promotion_id = member.user_id, member.promotion_id
+    slots = domain.wave_slots(
         policy,
-        domain.Member(
-            user_id,
-            member.promotion_id,
-            member.ended_at,
-            member.timezone,
-            segment.ltv_tier,
-            segment.value_layer,
-            segment.silent,
-            segment.abuse_review,
-            tuple(segment.channel_order),
-        ),
+        member.ended_at,
+        member.timezone,
+        segment.ltv_tier,
+        segment.value_layer,
+        segment.silent,
+        segment.abuse_review,
     )
+    cached = _slot_parts.get(id(slots))
+    parts = cached[1] if cached is not None and cached[0] is slots else _encode_slots(slots)
+    draws = domain.member_draws(policy, user_id, promotion_id, slots)
     order = ",".join(segment.channel_order)
     label = segment.ltv_tier
     lane = encoder.lane(user_id)
-    append, emit = touch_rows.append, encoder.rows.append
-    topic, created = encoder.topic, encoder.now
     # {"specversion":"1.0","id":"<touch>.planned","source":..,"type":..,"time":..,
     #  "subject":<user>,"datacontenttype":"application/json","data":{"user_id":<user>,
     #  "touch_id":"<touch>","promotion_id":..,"wave":..,"channel":null,"variant":..,
@@ -405,58 +419,36 @@ def _plan_one(
     user_b = orjson.dumps(user_id)
     user_mid = b"".join((user_b, _DATA_USER, user_b, _TOUCH_ID))
     planned_mid = planned_head + user_mid
-    promotion_b = _PROMOTION_ID + _json_text(member.promotion_id)
+    promotion_b = _PROMOTION_ID + _json_text(promotion_id)
     planned_tail = _SEGMENT + _json_text(label) + b"}}"
-    # A due time's or deadline's encodings from _time_parts's cache, without a call when they
-    # are there (it keeps UTC ones only).
-    times_get = _times.get
-    events = 0
-    if copy is not None:
+    wave_fields_get = _wave_fields.get
+    if copy is None:
+        append, emit = touch_rows.append, encoder.rows.append
+        topic, created = encoder.topic, encoder.now
+    else:
         # The columns of one participant's rows, encoded once (see _CopyBuffers).
-        touch_head = copy.touch_head(member.promotion_id, user_id, order, label)
+        touch_head = copy.touch_head(promotion_id, user_id, order, label)
         # Each event goes to the lane's pack behind its key (`shared.outbox.pack`'s layout).
         user_raw = user_id.encode()
         event_head = pack_length(len(user_raw)) + user_raw
         touches_out, events_out = copy.touches, copy.pack_for(lane)
-        wave_cols, touch_cols = copy.wave_cols, copy.touch_cols
-        # The caches' lookups without a call when they hit (most of the time).
-        waves_get, touches_get = copy.waves.get, copy.cols.get
-    for (
+        # The cache's lookup without a call when it hits (most of the time).
+        touches_get, touch_cols = copy.cols.get, copy.touch_cols
+    events = 0
+    for (slot, wave, copy_wave, copy_times, json_times, abuse, parallel), (
         tid,
-        _,
-        promotion_id,
-        wave,
         variant,
-        due,
-        deadline,
-        coupon,
-        parallel,
-        rank,
-        essential,
-        status,
-        reason,
-    ) in plan:
+        held,
+    ) in zip(parts, draws, strict=True):
+        status: str = "planned"
+        reason: str | None = None
+        if held:
+            status, reason = "suppressed", "holdout"
+        elif abuse:
+            status, reason = "suppressed", "abuse"
         tid_b = tid.encode()
-        due_b, due_j = (times_get(due) if due.tzinfo is UTC else None) or _time_parts(due)
-        deadline_b, deadline_j = (
-            times_get(deadline) if deadline.tzinfo is UTC else None
-        ) or _time_parts(deadline)
-        if copy is not None:
-            touches_out += b"".join(
-                (
-                    touch_head,
-                    waves_get((wave, rank, coupon, essential))
-                    or wave_cols(wave, rank, coupon, essential),
-                    _pack_len(len(tid_b)),
-                    tid_b,
-                    due_b,
-                    due_b,
-                    deadline_b,
-                    touches_get((variant, status, reason, parallel))
-                    or touch_cols(variant, status, reason, parallel),
-                )
-            )
-        else:
+        if copy is None:
+            w = slot.wave
             append(
                 (
                     tid,
@@ -465,44 +457,44 @@ def _plan_one(
                     wave,
                     None,
                     variant,
-                    due,
+                    slot.due,
                     status,
                     reason,
                     now,
-                    due,
-                    deadline,
-                    rank,
+                    slot.due,
+                    slot.deadline,
+                    w.rank,
                     parallel,
-                    coupon,
-                    essential,
+                    w.coupon,
+                    w.essential,
                     order,
                     label,
                 )
             )
-        # The event as orjson writes `FastEncoder.add`'s dict, put together from parts
-        # encoded once per participant (or per batch) and the touch's own values.
-        wave_b = _wave_fields.get((wave, variant)) or _wave_json(wave, variant)
-        payload = b"".join(
-            (
-                _ID_HEAD,
-                tid_b,
-                planned_mid,
-                tid_b,
-                promotion_b,
-                wave_b,
-                _DUE_AT,
-                due_j,
-                _DEADLINE,
-                deadline_j,
-                planned_tail,
+        else:
+            touches_out += b"".join(
+                (
+                    touch_head,
+                    copy_wave,
+                    _pack_len(len(tid_b)),
+                    tid_b,
+                    copy_times,
+                    touches_get((variant, status, reason, parallel))
+                    or touch_cols(variant, status, reason, parallel),
+                )
             )
+        # The event as orjson writes `FastEncoder.add`'s dict, put together from parts
+        # encoded once per participant (or per batch, or per slot) and the touch's own values.
+        wave_b = wave_fields_get((wave, variant)) or _wave_json(wave, variant)
+        payload = b"".join(
+            (_ID_HEAD, tid_b, planned_mid, tid_b, promotion_b, wave_b, json_times, planned_tail)
         )
-        if copy is not None:
+        if copy is None:
+            emit((lane, topic, user_id, payload, created))
+        else:
             events_out += b"".join((event_head, pack_length(len(payload)), payload))
             events += 1
-        else:
-            emit((lane, topic, user_id, payload, created))
-        if status == "suppressed":
+        if reason is not None:
             # The touch.suppressed shares the touch's fields up to the variant.
             payload = b"".join(
                 (
@@ -518,11 +510,11 @@ def _plan_one(
                     suppressed_tail,
                 )
             )
-            if copy is not None:
+            if copy is None:
+                emit((lane, topic, user_id, payload, created))
+            else:
                 events_out += b"".join((event_head, pack_length(len(payload)), payload))
                 events += 1
-            else:
-                emit((lane, topic, user_id, payload, created))
     if copy is not None:
         copy.counts[lane] += events
 

@@ -152,6 +152,17 @@ def test_holdout_and_variants_are_stable_and_near_their_shares() -> None:
     assert {(t.status, t.reason) for t in plan} == {("suppressed", "holdout")}
 
 
+@pytest.mark.parametrize("share", [0.0, 0.05, 0.1, 1 / 3, 0.5, 0.999999, 1.0, 1.5])
+def test_bulk_planning_splits_the_digests_where_the_single_rules_do(share: float) -> None:
+    """Bulk planning compares raw digests with a bound instead of their quotient with the
+    share: around the bound, and at the ends, both put each digest on the same side."""
+    below = domain._below(share)
+    bound = int.from_bytes(below[:8], "big") if len(below) == 8 else 2**64
+    for x in {0, 1, 2**64 - 1, *range(max(bound - 3, 0), min(bound + 3, 2**64))}:
+        digest = x.to_bytes(8, "big")
+        assert (digest < below) == (x / 2**64 < share), (share, x)
+
+
 def test_quiet_hours_end_at_the_local_morning() -> None:
     kathmandu = domain.zone("Asia/Kathmandu")  # +05:45
     late = utc(2026, 3, 6, 16, 0)  # 21:45 local
