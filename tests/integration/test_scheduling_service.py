@@ -292,6 +292,32 @@ async def test_an_audience_of_a_promotion_ended_elsewhere_is_planned(service: Ha
     assert sum(w["planned"] for w in plans["p-odd"]["waves"]) == len(default_policy().waves)
 
 
+async def test_an_erased_user_is_not_planned_by_a_later_audience(service: Harness) -> None:
+    # Planning seeds the users it has not seen and skips those erased: in one batch, a user
+    # erased here, one known and one new.
+    await put_policy(service, "plain")
+    await end(service, "p-1", "plain")
+    await plan_users(service, member("u-gone"), member("u-known"))
+    await service.settle()
+    await service.publish(UserErased(user_id="u-gone", erased_at=service.clock.now()))
+
+    async def erased() -> bool:
+        return any(e.data.reason == "erased" for e in service.emitted(TouchSuppressed))
+
+    await service.wait_for(erased)
+    await end(service, "p-2", "plain")
+    await plan_users(
+        service, member("u-gone", "p-2"), member("u-known", "p-2"), member("u-new", "p-2")
+    )
+    await service.settle()
+    plan = (await service.client.get("/v1/promotions/p-2/plan")).json()
+    assert [w["planned"] for w in plan["waves"]] == [2, 2, 2, 2, 2]
+    planned = {
+        e.data.user_id for e in service.emitted(TouchPlanned) if e.data.promotion_id == "p-2"
+    }
+    assert planned == {"u-known", "u-new"}
+
+
 async def test_cancel_stops_what_is_pending(service: Harness) -> None:
     await put_policy(service, "plain")
     await end(service, "p-1", "plain")
