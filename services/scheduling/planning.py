@@ -496,7 +496,10 @@ def _plan_one(
         if copy is None:
             emit((lane, topic, user_id, payload, created))
         else:
-            events_out += b"".join((event_head, pack_length(len(payload)), payload))
+            # Appended piece by piece: joining them first copied the payload once more.
+            events_out += event_head
+            events_out += pack_length(len(payload))
+            events_out += payload
             events += 1
         if reason is not None:
             # The touch.suppressed shares the touch's fields up to the variant.
@@ -517,7 +520,9 @@ def _plan_one(
             if copy is None:
                 emit((lane, topic, user_id, payload, created))
             else:
-                events_out += b"".join((event_head, pack_length(len(payload)), payload))
+                events_out += event_head
+                events_out += pack_length(len(payload))
+                events_out += payload
                 events += 1
     if copy is not None:
         copy.counts[lane] += events
