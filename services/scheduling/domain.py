@@ -248,7 +248,8 @@ class _PolicyIndex:
 
 
 WaveSlotKey = tuple[str | None, str | None, float, bool, str | None, bool]
-_SLOTS_MAX = 100_000
+# About 3 KB an entry with planning's encodings of it (planning.py): at most some 12 MB.
+SLOTS_CACHED = 4096
 # id(policy) -> (policy, index); the policy is kept so that its id is never reused.
 _INDEXES: dict[int, tuple[Policy, _PolicyIndex]] = {}
 
@@ -356,7 +357,7 @@ def wave_slots(
     found = cache.get(key)
     if found is None:
         found = _slots(policy, ended_at, timezone, ltv_tier, value_layer, silent, abuse_review)
-        if len(cache) >= _SLOTS_MAX:
+        if len(cache) >= SLOTS_CACHED:
             cache.clear()
         cache[key] = found
     return found

@@ -210,7 +210,7 @@ def _wave_json(wave: str, variant: str) -> bytes:
 # review, and its parallel figure. Kept per tuple of slots (by id, the tuple held so that
 # its id is not reused), since a promotion's participants share a few of them.
 _SlotParts = tuple[domain.WaveSlot, str, bytes, bytes, bytes, bool, int]
-_SLOT_PARTS_MAX = 100_000
+_SLOT_PARTS_MAX = domain.SLOTS_CACHED
 _slot_parts: dict[int, tuple[tuple[domain.WaveSlot, ...], tuple[_SlotParts, ...]]] = {}
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from services.scheduling import domain
+from services.scheduling import domain, planning
 from services.scheduling.planning import _plan_one
 from services.scheduling.policy import default_policy
 from services.scheduling.state import FastEncoder
@@ -160,3 +160,19 @@ def test_a_decoded_end_plans_its_times_in_utc() -> None:
         assert launch["due_at"] == "2026-03-02T21:15:00+00:00"
         for data in planned:
             assert data["due_at"].endswith("+00:00") and data["deadline"].endswith("+00:00")
+
+
+def test_the_caches_of_planned_shapes_stay_bounded() -> None:
+    # Each promotion's end, zone and tier make a shape whose times and bytes are kept: a
+    # service that plans many promotions keeps no more than the bound of them.
+    ctx: Any = SimpleNamespace(
+        topic=lambda name: f"t.{name}", outbox=SimpleNamespace(source="afterglow/x", lanes=8)
+    )
+    encoder = FastEncoder(ctx, NOW)
+    index = domain._index(POLICY)
+    for i in range(domain.SLOTS_CACHED + 500):
+        ended = datetime(2026, 3, 1, tzinfo=UTC) + timedelta(minutes=i)
+        member = AudienceMemberResolved(user_id="u-1", promotion_id=f"p-{i}", ended_at=ended)
+        _plan_one(member, POLICY, NOW, [], encoder)
+    assert 0 < len(index.slots) <= domain.SLOTS_CACHED
+    assert 0 < len(planning._slot_parts) <= domain.SLOTS_CACHED
