@@ -355,27 +355,12 @@ def wave_slots(
     # share the entry: every time planned is in UTC.
     key = (ltv_tier, timezone, ended_at.timestamp(), silent, value_layer, abuse_review)
     found = cache.get(key)
-    if found is None:
-        found = _slots(policy, ended_at, timezone, ltv_tier, value_layer, silent, abuse_review)
-        if len(cache) >= SLOTS_CACHED:
-            cache.clear()
-        cache[key] = found
-    return found
-
-
-def _slots(
-    policy: Policy,
-    ended_at: datetime,
-    timezone: str | None,
-    ltv_tier: str | None,
-    value_layer: str | None,
-    silent: bool,
-    abuse_review: bool,
-) -> tuple[WaveSlot, ...]:
+    if found is not None:
+        return found
     waves = _wave_plans(policy, ltv_tier)
     if ended_at.tzinfo is not UTC:
         # Every time planned is in datetime.UTC (a decoded "Z" carries pydantic's own zone
-        # object): the encoders keep those of a promotion's end, which its participants share.
+        # object).
         ended_at = ended_at.astimezone(UTC)
     tz = zone(timezone)
     local_day = ended_at.astimezone(tz).date()
@@ -402,7 +387,10 @@ def _slots(
             deadline = due
         parallel = 2 if value_layer in wave.pair_value_layers else 1
         slots.append(WaveSlot(wave, due, deadline, parallel, wave.coupon and abuse_review))
-    return tuple(slots)
+    if len(cache) >= SLOTS_CACHED:
+        cache.clear()
+    found = cache[key] = tuple(slots)
+    return found
 
 
 def member_draws(
