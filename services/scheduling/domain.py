@@ -395,10 +395,11 @@ def wave_slots(
 
 def member_draws(
     policy: Policy, user_id: str, promotion_id: str, slots: Sequence[WaveSlot]
-) -> list[tuple[str, str, bool]]:
-    """Touch id, variant and holdout (of the whole plan or of the wave) of each slot: the
-    figures of `touch_id`, `variant_of`, `in_holdout` and `in_wave_holdout`, with the hashed
-    names put together once per participant (planning runs this millions of times)."""
+) -> list[tuple[str, str, Reason | None]]:
+    """Touch id, variant and reason of suppression of each slot: "holdout" (of the whole
+    plan or of the wave) before "abuse", None when planned. The figures of `touch_id`,
+    `variant_of`, `in_holdout` and `in_wave_holdout`, with the hashed names put together
+    once per participant (planning runs this millions of times)."""
     experiment = _experiment(policy)
     # unit(kind, user, promotion[, wave]) hashes "kind\x1fuser\x1fpromotion[\x1fwave]";
     # touch_id "promotion\x1fuser\x1fwave".
@@ -417,7 +418,7 @@ def member_draws(
         experiment.variants,
         experiment.last,
     )
-    draws = []
+    draws: list[tuple[str, str, Reason | None]] = []
     for slot in slots:
         tail = slot.wave.tail
         h = variant_hash.copy()
@@ -435,7 +436,8 @@ def member_draws(
             held = h.digest() < wave_below
         t = touch_hash.copy()
         t.update(tail)
-        draws.append((_uuid5_text(t.hexdigest()), variant, held))
+        reason: Reason | None = "holdout" if held else "abuse" if slot.abuse else None
+        draws.append((_uuid5_text(t.hexdigest()), variant, reason))
     return draws
 
 
@@ -476,16 +478,11 @@ def plan_member_rows(policy: Policy, member: Member) -> list[PlannedRow]:
         member.abuse_review,
     )
     touches: list[PlannedRow] = []
-    for slot, (touch, variant, held) in zip(
+    for slot, (touch, variant, reason) in zip(
         slots, member_draws(policy, user_id, promotion_id, slots), strict=True
     ):
         wave = slot.wave
-        status: Literal["planned", "suppressed"] = "planned"
-        reason: Reason | None = None
-        if held:
-            status, reason = "suppressed", "holdout"
-        elif slot.abuse:
-            status, reason = "suppressed", "abuse"
+        status: Literal["planned", "suppressed"] = "planned" if reason is None else "suppressed"
         touches.append(
             (
                 touch,

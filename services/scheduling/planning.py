@@ -206,10 +206,10 @@ def _wave_json(wave: str, variant: str) -> bytes:
 
 # What the rows and events of a wave slot (`domain.wave_slots`) share, encoded once: the
 # wave's name, its COPY fields from wave to essential, the COPY due_at, planned_due_at and
-# deadline, the events' "due_at" and "deadline" members, whether it is suppressed for abuse
-# review, and its parallel figure. Kept per tuple of slots (by id, the tuple held so that
-# its id is not reused), since a promotion's participants share a few of them.
-_SlotParts = tuple[domain.WaveSlot, str, bytes, bytes, bytes, bool, int]
+# deadline, the events' "due_at" and "deadline" members, and its parallel figure. Kept per
+# tuple of slots (by id, the tuple held so that its id is not reused), since a promotion's
+# participants share a few of them.
+_SlotParts = tuple[domain.WaveSlot, str, bytes, bytes, bytes, int]
 _SLOT_PARTS_MAX = domain.SLOTS_CACHED
 _slot_parts: dict[int, tuple[tuple[domain.WaveSlot, ...], tuple[_SlotParts, ...]]] = {}
 
@@ -234,7 +234,6 @@ def _encode_slots(slots: tuple[domain.WaveSlot, ...]) -> tuple[_SlotParts, ...]:
                 ),
                 due_b + due_b + deadline_b,
                 b"".join((_DUE_AT, due_j, _DEADLINE, deadline_j)),
-                slot.abuse,
                 slot.parallel,
             )
         )
@@ -439,17 +438,12 @@ def _plan_one(
         # The cache's lookup without a call when it hits (most of the time).
         touches_get, touch_cols = copy.cols.get, copy.touch_cols
     events = 0
-    for (slot, wave, copy_wave, copy_times, json_times, abuse, parallel), (
+    for (slot, wave, copy_wave, copy_times, json_times, parallel), (
         tid,
         variant,
-        held,
+        reason,
     ) in zip(parts, draws, strict=True):
-        status: str = "planned"
-        reason: str | None = None
-        if held:
-            status, reason = "suppressed", "holdout"
-        elif abuse:
-            status, reason = "suppressed", "abuse"
+        status = "planned" if reason is None else "suppressed"
         tid_b = tid.encode()
         if copy is None:
             w = slot.wave
@@ -517,6 +511,8 @@ def _plan_one(
                     suppressed_tail,
                 )
             )
+            # Written as the touch.planned above: one loop over both took 0.2-1.5 us more a
+            # participant of 5 touches (three alternated runs; about 21 us in all).
             if copy is None:
                 emit((lane, topic, user_id, payload, created))
             else:
