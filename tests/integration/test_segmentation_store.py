@@ -16,6 +16,7 @@ from shared.bus.memory import InProcessBus
 from shared.db import Database
 from shared.migrations import current_async, downgrade_async, upgrade_async
 from shared.outbox import Outbox, unpack
+from tests.support.tables import storage_options
 
 NOW = datetime(2026, 3, 8, 12, 0, tzinfo=UTC)
 SHARES = (60, 25, 15)
@@ -36,18 +37,7 @@ async def test_the_migrations_go_down_and_up_again(database_url: str) -> None:
     postgres = url.startswith("postgresql")
 
     async def fillfactor() -> str | None:
-        database = Database(url, "segmentation")
-        await database.start()
-        try:
-            async with database.connect() as conn:
-                return await conn.scalar(
-                    text(
-                        "SELECT array_to_string(reloptions, ',') FROM pg_class "
-                        "WHERE oid = CAST('segmentation.aggregates' AS regclass)"
-                    )
-                )
-        finally:
-            await database.stop()
+        return await storage_options(url, "segmentation", "aggregates")
 
     await upgrade_async(url, "segmentation")
     assert await current_async(url, "segmentation") == "0004"
