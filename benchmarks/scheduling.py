@@ -484,8 +484,9 @@ async def bench(
             received, dues = await finish_observer(observer, out, emitted)
         due_walls = [clock.wall_of(datetime.fromtimestamp(d, UTC)) for d in dues]
         latencies = [r - w for r, w in zip(received, due_walls, strict=True)]
-        # When the touches later than 1 s came due, in seconds into the played day: a stall
-        # (an autovacuum, a checkpoint) shows as one stretch, a slow dispatcher as many.
+        # When the touches later than 1 s came due, in seconds into the played day: after a
+        # stall (an autovacuum, a checkpoint) they span a few seconds; when the dispatcher
+        # cannot keep up, much of the day.
         late = [w - clock.wall0 for w, lat in zip(due_walls, latencies, strict=True) if lat > 1.0]
         sent = len(latencies)
         dispatch_s = (max(received) - min(received)) if sent > 1 else float("nan")
